@@ -1,0 +1,1 @@
+"""`cordumctl`: the command-line interface."""

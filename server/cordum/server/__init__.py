@@ -1,0 +1,1 @@
+"""Cordum control-plane server: gRPC services, scheduler, safety gate and workflows."""

@@ -1,0 +1,73 @@
+"""`cordum-server`: run the roles of the control plane in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import typer
+import uvloop
+from pydantic import ValidationError
+
+from cordum.server import logs
+from cordum.server.app import App
+from cordum.server.connections import ConnectError
+from cordum.server.settings import ALL_ROLES, Settings
+
+logger = logging.getLogger("cordum.server")
+
+cli = typer.Typer(add_completion=False, help="Run Cordum control-plane roles.")
+
+
+@cli.callback()
+def _root() -> None:
+    """Cordum control-plane server."""
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with App(settings):
+        await stop.wait()
+        logger.info("shutting down")
+
+
+@cli.command()
+def run(
+    roles: str = typer.Option(
+        None, help=f"Comma-separated roles ({','.join(ALL_ROLES)}); default all."
+    ),
+    grpc_port: int = typer.Option(None, help="gRPC port (default 8080, env CORDUM_GRPC_PORT)."),
+    metrics_port: int = typer.Option(None, help="Metrics port (default 9090)."),
+) -> None:
+    overrides = {
+        k: v
+        for k, v in {"roles": roles, "grpc_port": grpc_port, "metrics_port": metrics_port}.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        typer.echo(f"cordum-server: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        uvloop.run(serve(settings))
+    except ConnectError as exc:
+        typer.echo(f"cordum-server: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except OSError as exc:
+        typer.echo(f"cordum-server: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def main() -> None:
+    cli(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The gRPC layer: servicers (thin), interceptors and the server builder."""

@@ -1,0 +1,1 @@
+"""Domain logic. Services never import grpc; they raise cordum.server.errors.CordumError."""

@@ -1,0 +1,74 @@
+"""Shared fixtures: real NATS (JetStream) and Valkey servers for the whole test session.
+
+The servers are started with the same launcher ``cordumctl up`` uses
+(:mod:`cordum.server.stack.services`), on free loopback ports in a session temp dir, and are
+stopped at the end of the session. To test against servers you run yourself instead::
+
+    pytest --nats-url nats://127.0.0.1:4222 --redis-url redis://127.0.0.1:6379/0
+
+Tests isolate their keys and subjects with the ``prefix`` fixture, so one server pair serves
+the whole session. To add another session service (envoy, cordum-server), follow the pattern
+below: a ``--<name>-url`` option plus a session fixture that starts the service unless the
+option is given, and stops it afterwards.
+"""
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from cordum.server.stack.services import start_nats, start_valkey
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cordum", "Cordum test servers")
+    group.addoption(
+        "--nats-url",
+        default=None,
+        help="use this NATS server (JetStream enabled) instead of starting nats-server",
+    )
+    group.addoption(
+        "--redis-url",
+        default=None,
+        help="use this Redis/Valkey server instead of starting valkey-server",
+    )
+
+
+@pytest.fixture(scope="session")
+def nats_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """URL of a NATS server with JetStream; started for the session unless --nats-url is given."""
+    external = request.config.getoption("--nats-url")
+    if external:
+        yield external
+        return
+    base = tmp_path_factory.mktemp("nats")
+    service = start_nats(data_dir=base / "data", log_path=base / "nats-server.log")
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """URL of a Valkey server with AOF on; started for the session unless --redis-url is given."""
+    external = request.config.getoption("--redis-url")
+    if external:
+        yield external
+        return
+    base = tmp_path_factory.mktemp("valkey")
+    service = start_valkey(data_dir=base / "data", log_path=base / "valkey-server.log")
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A unique short string for per-test key and subject names."""
+    return uuid.uuid4().hex[:10]
