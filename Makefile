@@ -45,6 +45,7 @@ lint: $(STAMP) $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BUF) lint
+	$(BUF) format --diff --exit-code --path proto/cordum/v1
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from cordum.server.api.interceptors import ErrorInterceptor
+from cordum.server.api.metrics_interceptor import MetricsInterceptor
 from cordum.server.api.registry import (
     platform_services,
     safety_kernel_service,
@@ -24,8 +25,9 @@ from cordum.server.api.registry import (
 )
 from cordum.server.api.status_servicer import StatusServicer
 from cordum.server.connections import open_nats, open_redis
-from cordum.server.metrics import MetricsServer
+from cordum.server.metrics import Metrics, MetricsServer
 from cordum.server.services.status import StatusService
+from cordum.server.services.workers import WorkerRegistry
 from cordum.server.settings import Settings
 from cordum.v1 import status_service_pb2_grpc
 
@@ -38,8 +40,10 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics_registry = CollectorRegistry()
+        self.metrics = Metrics(self.metrics_registry)
         self.redis: Redis | None = None
         self.nats: NATS | None = None
+        self.registry: WorkerRegistry | None = None
         self.grpc_port = settings.grpc_port
         self.metrics_port = settings.metrics_port
         self._stack = AsyncExitStack()
@@ -75,7 +79,20 @@ class App:
         self._stack.push_async_callback(metrics.stop)
         self.metrics_port = metrics.bound_port
 
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        if {"gateway", "scheduler"} & set(s.roles):
+            self.registry = WorkerRegistry(
+                self.nats,
+                on_drop=lambda subject, reason: self.metrics.bus_dropped.labels(
+                    subject, reason
+                ).inc(),
+            )
+            await self.registry.start()
+            self._stack.push_async_callback(self.registry.stop)
+
+        # Metrics outermost, so it sees the status the error interceptor sets.
+        server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.metrics), ErrorInterceptor()]
+        )
         self._register_services(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -103,6 +120,7 @@ class App:
         implemented: set[str] = set()
         if "gateway" in roles:
             status = StatusService(
+                registry=self.registry,
                 redis=self.redis,
                 nats=self.nats,
                 nats_url=self.settings.nats_url,

@@ -47,3 +47,57 @@ class MetricsServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
+
+
+class Metrics:
+    """Every metric of one process, registered on the process's own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram  # noqa: PLC0415
+
+        self.rpc_requests = Counter(
+            "cordum_grpc_requests_total",
+            "gRPC calls handled, by method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.rpc_latency = Histogram(
+            "cordum_grpc_request_duration_seconds",
+            "gRPC call latency by method (unary calls; streams until their end).",
+            ["method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=registry,
+        )
+        self.bus_dropped = Counter(
+            "cordum_bus_packets_dropped_total",
+            "Inbound bus packets dropped, by subject and reason.",
+            ["subject", "reason"],
+            registry=registry,
+        )
+        self.workers_live = Gauge(
+            "cordum_workers_live", "Workers with a recent heartbeat.", registry=registry
+        )
+        self.jobs_submitted = Counter(
+            "cordum_jobs_submitted_total",
+            "Jobs accepted by the gateway.",
+            ["topic"],
+            registry=registry,
+        )
+        self.jobs_transitions = Counter(
+            "cordum_jobs_transitions_total",
+            "Job state transitions made by the scheduler, by new state and topic.",
+            ["state", "topic"],
+            registry=registry,
+        )
+        self.safety_decisions = Counter(
+            "cordum_safety_decisions_total",
+            "Safety decisions, by decision.",
+            ["decision"],
+            registry=registry,
+        )
+        self.dispatch_latency = Histogram(
+            "cordum_dispatch_latency_seconds",
+            "From submit to dispatch, as seen by the scheduler.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5),
+            registry=registry,
+        )

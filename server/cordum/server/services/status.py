@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
 
 from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
 from cordum.server.connections import redact_url
 from cordum.server.errors import not_implemented
+from cordum.server.services.workers import WorkerRegistry, WorkerState
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ class StatusService:
     nats_url: str
     jetstream: bool
     roles: list[str]
-    # Filled in by the worker registry when the process runs one.
-    list_workers: Callable[[bool], Awaitable[list[Any]]] | None = None
+    registry: WorkerRegistry | None = None
     policy_snapshot: Callable[[], str] = lambda: ""
     started: float = field(default_factory=time.time)
 
@@ -72,12 +71,15 @@ class StatusService:
             nats_url=redact_url(self.nats_url),
             jetstream=self.jetstream,
             redis=redis,
-            workers=len(await self.list_workers(False)) if self.list_workers else 0,
+            workers=len(self.registry.workers()) if self.registry else 0,
             roles=list(self.roles),
             policy_snapshot=self.policy_snapshot(),
         )
 
-    async def workers(self, *, include_lost: bool) -> list[Any]:
-        if self.list_workers is None:
+    def workers(self, *, include_lost: bool) -> list[WorkerState]:
+        if self.registry is None:
             raise not_implemented("no worker registry runs in this process")
-        return await self.list_workers(include_lost)
+        return self.registry.workers(include_lost=include_lost)
+
+    def is_live(self, worker: WorkerState) -> bool:
+        return self.registry is not None and self.registry.is_live(worker)

@@ -1,0 +1,2 @@
+"""Cordum Python SDK: CAP packet helpers (:mod:`cordum.sdk.cap`) and the worker runtime
+(:mod:`cordum.sdk.worker`)."""

@@ -1,0 +1,43 @@
+-- A worker's result. Terminal jobs are final: a late or duplicate result is recorded in the
+-- event log and ignored (never looped on). Failures within the retry budget go back to
+-- PENDING with a backoff instead.
+-- ARGV: prefix, id, now_ms, ttl_s, event_limit, status (a terminal state name), result_ptr,
+--       worker_id, exec_ms, error_code, error_message, artifacts_json, res_key, res_ttl_s,
+--       backoff_ms, dlq_max
+-- Returns {'done', state} | {'retry', attempts} | {'ignored', state} | {'unknown'}
+local id, now, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local status = ARGV[6]
+local k = jkey(id)
+local f = redis.call('HMGET', k, 'state', 'tenant', 'attempts', 'max_retries')
+local state, tenant = f[1], f[2]
+if not state then return {'unknown'} end
+if ARGV[13] ~= '' and redis.call('EXISTS', ARGV[13]) == 1 then
+  -- Workers write res:<id> without a TTL; we own its hygiene.
+  redis.call('EXPIRE', ARGV[13], tonumber(ARGV[14]))
+end
+if TERMINAL[state] or state == 'APPROVAL_REQUIRED'
+   or (state == 'PENDING' and status ~= 'SUCCEEDED') then
+  log_event(id, now, state, 'ignored late result ' .. status .. ' from ' .. ARGV[8], limit, ttl)
+  return {'ignored', state}
+end
+redis.call('HSET', k, 'worker_id', ARGV[8], 'exec_ms', ARGV[9], 'error_code', ARGV[10],
+  'error_message', ARGV[11], 'artifacts', ARGV[12])
+if status == 'SUCCEEDED' then
+  redis.call('HSET', k, 'result_ptr', ARGV[7])
+  set_state(id, tenant, state, 'SUCCEEDED', now, 'succeeded on ' .. ARGV[8], limit, ttl)
+  return {'done', 'SUCCEEDED'}
+end
+local attempts, max_retries = tonumber(f[3]) or 0, tonumber(f[4]) or 0
+if (status == 'FAILED' or status == 'TIMEOUT') and attempts <= max_retries then
+  redis.call('HSET', k, 'pending_reason', 'retrying after ' .. status .. ': ' .. ARGV[11])
+  redis.call('SREM', P .. 'jobs:inflight:t:' .. tenant, id)
+  redis.call('ZADD', P .. 'jobs:due', now + tonumber(ARGV[15]), id)
+  set_state(id, tenant, state, 'PENDING', now,
+    'attempt ' .. attempts .. ' ' .. status .. ': ' .. ARGV[11], limit, ttl)
+  return {'retry', attempts}
+end
+set_state(id, tenant, state, status, now, status .. ': ' .. ARGV[11], limit, ttl)
+local code = ARGV[10]
+if code == '' then code = string.lower(status) end
+dlq_add(id, now, 'JOB_STATUS_' .. status, code, ARGV[11], tonumber(ARGV[16]))
+return {'done', status}

@@ -1,0 +1,23 @@
+-- A guarded state change (cancel, timeout, approval, re-queue): compare-and-set on the
+-- current state, then the same bookkeeping as every transition.
+-- ARGV: prefix, id, now_ms, ttl_s, event_limit, allowed_from (comma list), to_state, message,
+--       dlq_status ('' = no DLQ entry), dlq_code, dlq_max, then field/value pairs to set
+-- Returns {'ok', previous_state, worker_id, subject, trace_id} | {'rejected', state} | {'missing'}
+local id, now, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local k = jkey(id)
+local f = redis.call('HMGET', k, 'state', 'tenant', 'worker_id', 'subject', 'trace_id')
+local state, tenant = f[1], f[2]
+if not state then return {'missing'} end
+local allowed = false
+for s in string.gmatch(ARGV[6], '[^,]+') do
+  if s == state then allowed = true end
+end
+if not allowed then return {'rejected', state} end
+local to = ARGV[7]
+for i = 12, #ARGV, 2 do
+  redis.call('HSET', k, ARGV[i], ARGV[i + 1])
+end
+if to == 'PENDING' then redis.call('SREM', P .. 'jobs:inflight:t:' .. tenant, id) end
+set_state(id, tenant, state, to, now, ARGV[8], limit, ttl)
+if ARGV[9] ~= '' then dlq_add(id, now, ARGV[9], ARGV[10], ARGV[8], tonumber(ARGV[11])) end
+return {'ok', state, f[3] or '', f[4] or '', f[5] or ''}
