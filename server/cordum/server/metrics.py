@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ class Metrics:
     """Every metric of one process, registered on the process's own registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        from prometheus_client import Counter, Gauge, Histogram  # noqa: PLC0415
-
         self.rpc_requests = Counter(
             "cordum_grpc_requests_total",
             "gRPC calls handled, by method and status code.",
