@@ -13,11 +13,17 @@ option is given, and stops it afterwards.
 """
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import grpc
 import pytest
+import pytest_asyncio
 
+from cordum.server.app import App
 from cordum.server.stack.services import start_nats, start_valkey
+
+from support.cordum import app_settings, running_app, start_envoy_for, write_config
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -72,3 +78,35 @@ def redis_url(
 def prefix() -> str:
     """A unique short string for per-test key and subject names."""
     return uuid.uuid4().hex[:10]
+
+
+# -- the Cordum app under test --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """config/ for the session app: the test policy (rules keyed on job.t.<kind>.* topics)."""
+    return write_config(tmp_path_factory.mktemp("config"))
+
+
+@pytest_asyncio.fixture(scope="session")
+async def cordum(nats_url: str, redis_url: str, config_dir: Path) -> AsyncIterator[App]:
+    """One Cordum app (every role) for the session, in its own namespace."""
+    async with running_app(app_settings(nats_url, redis_url, config_dir)) as app:
+        yield app
+
+
+@pytest_asyncio.fixture
+async def channel(cordum: App) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cordum.grpc_port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def rest_url(cordum: App, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Envoy in front of the session app: REST (and native gRPC) base URL."""
+    service, url = start_envoy_for(cordum, tmp_path_factory.mktemp("envoy"))
+    try:
+        yield url
+    finally:
+        service.stop()

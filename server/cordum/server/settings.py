@@ -67,6 +67,21 @@ class Settings(BaseSettings):
     sender_id: str = "cordum-scheduler"
     instance_id: str = Field(default_factory=_default_instance_id)
 
+    # Where the scheduler and gateway reach the safety kernel when it is not in this process.
+    safety_addr: str = Field(
+        "127.0.0.1:50051", validation_alias=AliasChoices("SAFETY_KERNEL_ADDR", "CORDUM_SAFETY_ADDR")
+    )
+    safety_timeout_s: float = 2.0
+    # How often the kernel checks safety.yaml for changes (hot reload).
+    policy_watch_s: float = 2.0
+    decision_cache_ttl_s: float = 5.0
+
+    job_ttl_s: int = 7 * 24 * 3600
+    idempotency_ttl_s: int = 24 * 3600
+    dlq_max_entries: int = 10_000
+    # Override timeouts.yaml's reconciler scan interval (tests use short ones).
+    reconcile_interval_s: float | None = None
+
     log_level: str = "INFO"
     log_format: str = "json"
     shutdown_grace_s: float = 10.0

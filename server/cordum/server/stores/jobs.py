@@ -95,6 +95,8 @@ class Admission:
     max_concurrent: int = 0
     retry_after_ms: int = 5000
     reason: str = ""
+    # DLQ reason code when decision == "fail".
+    fail_code: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ class Completion:
     error_code: str = ""
     error_message: str = ""
     artifact_ptrs: Sequence[str] = ()
-    backoff_ms: int = 1000
+    # Retry backoff: base * 2^(attempt-1), capped; -1 = this failure is never retried.
+    backoff_base_ms: int = 1000
+    backoff_cap_ms: int = 60_000
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,7 @@ class JobStore:
                     a.reason,
                     self.limits.dlq_max,
                     self.limits.decision_limit,
+                    a.fail_code,
                 ],
                 client=pipe,
             )
@@ -305,8 +310,9 @@ class JobStore:
                     json.dumps(list(c.artifact_ptrs)) if c.artifact_ptrs else "",
                     f"res:{c.job_id}",
                     self.limits.result_ttl_s,
-                    c.backoff_ms,
+                    c.backoff_base_ms,
                     self.limits.dlq_max,
+                    c.backoff_cap_ms,
                 ],
                 client=pipe,
             )

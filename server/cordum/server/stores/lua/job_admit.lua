@@ -1,9 +1,10 @@
 -- The scheduler's decision for a PENDING job, applied atomically: record the safety
 -- decision, then approval / deny / throttle / retry cap / tenant concurrency / dispatch.
--- ARGV: prefix, id, now_ms, ttl_s, event_limit, decision ('allow'|'deny'|'require'|'throttle'),
+-- ARGV: prefix, id, now_ms, ttl_s, event_limit,
+--       decision ('allow'|'deny'|'require'|'throttle'|'fail'),
 --       decision_bytes, job_hash, snapshot, worker_id, subject, max_retries_cap (-1 = none),
 --       deadline_ms (0 = none), max_concurrent (0 = none), retry_after_ms, reason,
---       dlq_max, decisions_limit
+--       dlq_max, decisions_limit, fail_code
 -- Returns {'dispatched', attempts, deadline_ms, max_retries} | {'approval'} | {'denied'} |
 --         {'throttled', reason} | {'failed', reason} | {'duplicate', state} | {'missing'}
 local id, now, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -35,6 +36,11 @@ if decision == 'deny' then
   set_state(id, tenant, state, 'DENIED', now, 'denied: ' .. reason, limit, ttl)
   dlq_add(id, now, 'JOB_STATUS_DENIED', 'safety_denied', reason, tonumber(ARGV[17]))
   return {'denied'}
+end
+if decision == 'fail' then
+  set_state(id, tenant, state, 'FAILED', now, reason, limit, ttl)
+  dlq_add(id, now, 'JOB_STATUS_FAILED', ARGV[19], reason, tonumber(ARGV[17]))
+  return {'failed', reason}
 end
 if decision == 'throttle' then
   redis.call('HSET', k, 'pending_reason', 'throttled: ' .. reason)

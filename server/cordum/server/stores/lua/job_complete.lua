@@ -3,7 +3,7 @@
 -- PENDING with a backoff instead.
 -- ARGV: prefix, id, now_ms, ttl_s, event_limit, status (a terminal state name), result_ptr,
 --       worker_id, exec_ms, error_code, error_message, artifacts_json, res_key, res_ttl_s,
---       backoff_ms, dlq_max
+--       backoff_base_ms (-1 = never retry), dlq_max, backoff_cap_ms
 -- Returns {'done', state} | {'retry', attempts} | {'ignored', state} | {'unknown'}
 local id, now, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local status = ARGV[6]
@@ -28,10 +28,12 @@ if status == 'SUCCEEDED' then
   return {'done', 'SUCCEEDED'}
 end
 local attempts, max_retries = tonumber(f[3]) or 0, tonumber(f[4]) or 0
-if (status == 'FAILED' or status == 'TIMEOUT') and attempts <= max_retries then
+local base = tonumber(ARGV[15])
+if (status == 'FAILED' or status == 'TIMEOUT') and base >= 0 and attempts <= max_retries then
+  local backoff = math.min(tonumber(ARGV[17]), base * 2 ^ math.max(attempts - 1, 0))
   redis.call('HSET', k, 'pending_reason', 'retrying after ' .. status .. ': ' .. ARGV[11])
   redis.call('SREM', P .. 'jobs:inflight:t:' .. tenant, id)
-  redis.call('ZADD', P .. 'jobs:due', now + tonumber(ARGV[15]), id)
+  redis.call('ZADD', P .. 'jobs:due', now + backoff, id)
   set_state(id, tenant, state, 'PENDING', now,
     'attempt ' .. attempts .. ' ' .. status .. ': ' .. ARGV[11], limit, ttl)
   return {'retry', attempts}

@@ -1,0 +1,223 @@
+"""The reconciler: the safety net that makes plain (fire-and-forget) NATS dependable.
+
+Every scan, one scheduler replica (a Redis lease decides which):
+- times out jobs past their deadline (and tells the worker to stop);
+- re-dispatches, or times out, jobs whose worker vanished (no heartbeat), jobs sent to a
+  topic no worker picked up, and jobs running longer than their topic's timeout;
+- replays PENDING jobs whose submit message was lost (the pending replayer);
+- trims the listing indexes to the job TTL, so no key grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from cordum.agent.v1 import job_pb2 as agent
+from cordum.sdk import cap
+from cordum.server.services.scheduler import Scheduler, now_ms
+from cordum.server.stores.jobs import ACTIVE, STATES, JobRecord
+
+logger = logging.getLogger(__name__)
+
+# A worker is lost after ~3 missed 5 s heartbeats; its jobs are re-dispatched after that.
+WORKER_LOST_GRACE_MS = 15_000
+BATCH = 200
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass
+class TickReport:
+    timed_out: int = 0
+    requeued: int = 0
+    replayed: int = 0
+    trimmed: int = 0
+    skipped: bool = False
+    details: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        scheduler: Scheduler,
+        interval_s: float,
+        owner: str = "",
+        pending_replay_ms: int | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.store = scheduler.store
+        self.interval_s = interval_s
+        self.owner = f"{owner}-{uuid.uuid4().hex[:6]}"
+        self.pending_replay_ms = pending_replay_ms or max(int(interval_s * 2000), 5000)
+        self._task: asyncio.Task[None] | None = None
+        self._release = self.store.redis.register_script(_RELEASE)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reconciler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("reconciler tick failed")
+
+    async def tick(self) -> TickReport:
+        report = TickReport()
+        lock = f"{self.store.prefix}lock:reconciler"
+        ttl_ms = max(int(self.interval_s * 2000), 1000)
+        if not await self.store.redis.set(lock, self.owner, nx=True, px=ttl_ms):
+            report.skipped = True
+            return report
+        try:
+            now = now_ms()
+            await self._deadlines(now, report)
+            await self._stale(now, report)
+            await self._replay_pending(now, report)
+            await self._trim(now, report)
+        finally:
+            await self._release(keys=[lock], args=[self.owner])
+        if report.timed_out or report.requeued or report.replayed:
+            logger.info(
+                "reconciled: %d timed out, %d re-queued, %d replayed",
+                report.timed_out,
+                report.requeued,
+                report.replayed,
+            )
+        return report
+
+    async def _end(
+        self, record: JobRecord, now: int, code: str, why: str, report: TickReport
+    ) -> None:
+        outcome = await self.store.transition(
+            record.job.id,
+            allowed_from=ACTIVE,
+            to="TIMEOUT",
+            message=why,
+            now_ms=now,
+            dlq_status="JOB_STATUS_TIMEOUT",
+            dlq_code=code,
+        )
+        if not outcome.ok:
+            return
+        report.timed_out += 1
+        report.details.append(f"{record.job.id}: {why}")
+        sched = self.scheduler
+        sched.metrics.jobs_transitions.labels("TIMEOUT", record.job.topic).inc()
+        await sched.events.publish(record.job.id, "TIMEOUT", why)
+        if outcome.previous in ("DISPATCHED", "RUNNING"):
+            # Tell the worker to stop; its late result will be discarded anyway.
+            cancel = agent.JobCancel(
+                job_id=record.job.id, reason=why, requested_by=sched.config.sender_id
+            )
+            packet = cap.envelope(
+                sender_id=sched.config.sender_id, trace_id=record.job.id, job_cancel=cancel
+            )
+            await sched.nats.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
+        await sched._publish_dlq(agent.JobRequest(job_id=record.job.id), "TIMEOUT", why)
+
+    async def _requeue_or_end(
+        self, record: JobRecord, now: int, code: str, why: str, report: TickReport
+    ) -> None:
+        if record.job.attempts <= record.job.max_retries:
+            outcome = await self.store.transition(
+                record.job.id,
+                allowed_from=[record.state],
+                to="PENDING",
+                message=f"re-queued: {why}",
+                now_ms=now,
+                fields={"pending_reason": why},
+            )
+            if outcome.ok:
+                await self.store.schedule_due(record.job.id, now)
+                await self.scheduler.events.publish(record.job.id, "PENDING", why)
+                report.requeued += 1
+            return
+        await self._end(record, now, code, why, report)
+
+    async def _deadlines(self, now: int, report: TickReport) -> None:
+        ids = await self.store.past_deadline(now, BATCH)
+        records = await self.store.get_many(ids)
+        for job_id, record in zip(ids, records, strict=True):
+            if record is not None and record.state in ACTIVE:
+                await self._end(record, now, "deadline_exceeded", "deadline exceeded", report)
+            else:  # expired or already ended: just forget the deadline
+                await self.store.redis.zrem(f"{self.store.prefix}jobs:deadline", job_id)
+
+    async def _stale(self, now: int, report: TickReport) -> None:
+        sched = self.scheduler
+        reconciler = sched.timeouts.reconciler
+        dispatch_ms = reconciler.dispatch_timeout_seconds * 1000
+        horizon = now - min(WORKER_LOST_GRACE_MS, dispatch_ms)
+        live = {w.worker_id for w in sched.registry.workers()}
+        for state in ("DISPATCHED", "RUNNING"):
+            ids = await self.store.stale(state, horizon, BATCH)
+            for record in await self.store.get_many(ids):
+                if record is None or record.state != state:
+                    continue
+                since = int(record.fields.get("dispatched_ms", b"0") or 0)
+                age = now - since
+                worker = record.job.worker_id
+                running_ms = sched.timeouts.running_timeout_s(record.job.topic) * 1000
+                if age >= running_ms:
+                    await self._requeue_or_end(
+                        record, now, "timeout", f"no result within {running_ms // 1000}s", report
+                    )
+                elif worker and worker not in live and age >= WORKER_LOST_GRACE_MS:
+                    await self._requeue_or_end(
+                        record, now, "worker_lost", f"worker {worker} stopped heartbeating", report
+                    )
+                elif not worker and age >= dispatch_ms:
+                    await self._requeue_or_end(
+                        record,
+                        now,
+                        "dispatch_timeout",
+                        f"no worker took it within {dispatch_ms // 1000}s",
+                        report,
+                    )
+
+    async def _replay_pending(self, now: int, report: TickReport) -> None:
+        ids = await self.store.stale("PENDING", now - self.pending_replay_ms, BATCH)
+        if not ids:
+            return
+        due_key = f"{self.store.prefix}jobs:due"
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.zscore(due_key, job_id)
+        scores = await pipe.execute()
+        waiting = [job_id for job_id, score in zip(ids, scores, strict=True) if score is None]
+        for record in await self.store.get_many(waiting):
+            if record is not None and record.state == "PENDING":
+                # Its submit message was lost (or its scheduler died holding it): ask again.
+                self.scheduler.readmit(record.request, record.job.trace_id)
+                report.replayed += 1
+
+    async def _trim(self, now: int, report: TickReport) -> None:
+        redis, prefix = self.store.redis, self.store.prefix
+        horizon = now - self.store.limits.job_ttl_s * 1000
+        tenants = [t.decode() for t in await redis.smembers(f"{prefix}jobs:tenants")]
+        pipe = redis.pipeline(transaction=False)
+        for tenant in tenants:
+            base = f"{prefix}jobs:t:{tenant}"
+            pipe.zremrangebyscore(base, "-inf", horizon)
+            for state in STATES:
+                pipe.zremrangebyscore(f"{base}:s:{state}", "-inf", horizon)
+        for state in ACTIVE:
+            pipe.zremrangebyscore(f"{prefix}jobs:active:{state}", "-inf", horizon)
+        report.trimmed = sum(int(n) for n in await pipe.execute())

@@ -1,0 +1,502 @@
+"""The scheduler: every PENDING job gets a safety decision, then is dispatched to a worker,
+held for approval, throttled, or ended; every worker result ends or retries its job.
+
+Runs as N replicas: submits, results and cancels arrive through NATS queue groups, and
+every state change is one compare-and-set Lua script, so replicas never double-dispatch
+and duplicate or late messages are recorded and ignored.
+
+Per job, on the hot path (plain NATS):
+  submit: 1 safety check (in-process: no I/O; remote: 1 gRPC call) + 1 Redis script
+          (pipelined with every other job of the same batch) + 1 NATS publish (dispatch)
+          + 1 NATS publish (job event)
+  result: 1 Redis script (pipelined per batch) + 1 NATS publish (job event)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from google.protobuf import json_format
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from cordum.agent.v1 import buspacket_pb2, job_pb2, safety_pb2
+from cordum.sdk import cap
+from cordum.server.bus import Batcher, Subjects
+from cordum.server.config_files import PoolsConfig, TimeoutsConfig
+from cordum.server.metrics import Metrics
+from cordum.server.safety.client import KernelUnavailable, SafetyClient
+from cordum.server.safety.evaluate import retry_after_ms
+from cordum.server.services.job_events import JobEventPublisher
+from cordum.server.services.placement import Placement, Unplaceable, place
+from cordum.server.services.workers import WorkerRegistry
+from cordum.server.stores.jobs import Admission, Completion, JobStore, NewJob, ms_timestamp
+from cordum.v1 import job_pb2 as v1_job_pb2
+
+logger = logging.getLogger(__name__)
+
+_D = safety_pb2.DecisionType
+_STATUS = job_pb2.JobStatus
+
+# Worker statuses → the job state they end in (anything else is a failure).
+_RESULT_STATES = {
+    _STATUS.JOB_STATUS_SUCCEEDED: "SUCCEEDED",
+    _STATUS.JOB_STATUS_FAILED: "FAILED",
+    _STATUS.JOB_STATUS_FAILED_RETRYABLE: "FAILED",
+    _STATUS.JOB_STATUS_FAILED_FATAL: "FAILED",
+    _STATUS.JOB_STATUS_TIMEOUT: "TIMEOUT",
+    _STATUS.JOB_STATUS_CANCELLED: "CANCELLED",
+    _STATUS.JOB_STATUS_DENIED: "DENIED",
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def job_hash(request: job_pb2.JobRequest) -> str:
+    """SHA-256 of the request an approval is bound to (approval labels and injected
+    config excluded, so approving does not change it)."""
+    clone = job_pb2.JobRequest()
+    clone.CopyFrom(request)
+    for key in [k for k in clone.labels if k.lower().startswith("approval_")]:
+        del clone.labels[key]
+    clone.env.pop("CORDUM_EFFECTIVE_CONFIG", None)
+    clone.ClearField("dispatch")
+    clone.budget.deadline_ms = request.budget.deadline_ms
+    return hashlib.sha256(clone.SerializeToString(deterministic=True)).hexdigest()
+
+
+def policy_request(request: job_pb2.JobRequest) -> safety_pb2.PolicyCheckRequest:
+    tenant = request.tenant_id or request.meta.tenant_id or request.env.get("tenant_id", "")
+    return safety_pb2.PolicyCheckRequest(
+        job_id=request.job_id,
+        topic=request.topic,
+        tenant=tenant,
+        priority=request.priority,
+        budget=request.budget,
+        principal_id=request.principal_id,
+        labels=dict(request.labels),
+        memory_id=request.memory_id,
+        meta=request.meta,
+        effective_config=request.env.get("CORDUM_EFFECTIVE_CONFIG", "").encode(),
+    )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    sender_id: str = "cordum-scheduler"
+    due_poll_s: float = 0.05
+    no_worker_retry_ms: int = 2000
+    retry_backoff_base_ms: int = 1000
+    retry_backoff_cap_ms: int = 60_000
+    kernel_backoff_base_ms: int = 250
+    kernel_backoff_cap_ms: int = 30_000
+
+
+@dataclass
+class _Decision:
+    kind: str  # allow | deny | require | throttle
+    response: safety_pb2.PolicyCheckResponse | None
+    retry_after_ms: int = 0
+    reason: str = ""
+
+
+@dataclass
+class _Pending:
+    request: job_pb2.JobRequest
+    trace_id: str
+    decision: _Decision | None = None
+    placement: Placement | Unplaceable | None = None
+    hash: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        nats: NATS,
+        store: JobStore,
+        safety: SafetyClient,
+        registry: WorkerRegistry,
+        pools: PoolsConfig,
+        timeouts: TimeoutsConfig,
+        subjects: Subjects,
+        metrics: Metrics,
+        events: JobEventPublisher,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        self.nats = nats
+        self.store = store
+        self.safety = safety
+        self.registry = registry
+        self.pools = pools
+        self.timeouts = timeouts
+        self.subjects = subjects
+        self.metrics = metrics
+        self.events = events
+        self.config = config or SchedulerConfig()
+        self._admits: Batcher[_Pending] = Batcher(self._admit_batch, name="scheduler-admit")
+        self._results: Batcher[job_pb2.JobResult] = Batcher(
+            self._result_batch, name="scheduler-results"
+        )
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._kernel_failures = 0
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        queue = self.subjects.queue("scheduler")
+        sub = self.nats.subscribe
+        self._subs = [
+            await sub(self.subjects.submit, queue=queue, cb=self._on_submit),
+            await sub(cap.SUBJECT_RESULT, queue=queue, cb=self._on_result),
+            await sub(cap.SUBJECT_PROGRESS, queue=queue, cb=self._on_progress),
+            await sub(self.subjects.cancel, queue=queue, cb=self._on_cancel),
+        ]
+        self._tasks.append(asyncio.create_task(self._due_loop(), name="scheduler-due"))
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs = []
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self._admits.drain()
+        await self._results.drain()
+
+    # -- intake ------------------------------------------------------------------------
+
+    def _decode(self, msg: Msg) -> buspacket_pb2.BusPacket | None:
+        try:
+            return cap.decode(msg.data)
+        except cap.PacketError as exc:
+            self.metrics.bus_dropped.labels(msg.subject, exc.reason).inc()
+            logger.warning("dropped packet on %s: %s", msg.subject, exc)
+            return None
+
+    async def _on_submit(self, msg: Msg) -> None:
+        packet = self._decode(msg)
+        if packet is not None and packet.HasField("job_request"):
+            self._admits.add(_Pending(packet.job_request, packet.trace_id))
+
+    async def _on_result(self, msg: Msg) -> None:
+        packet = self._decode(msg)
+        if packet is not None and packet.HasField("job_result"):
+            self._results.add(packet.job_result)
+
+    def readmit(self, request: job_pb2.JobRequest, trace_id: str) -> None:
+        """Queue a stored PENDING job for another decision (due queue, replayer, approval)."""
+        self._admits.add(_Pending(request, trace_id))
+
+    # -- decisions --------------------------------------------------------------------
+
+    async def _decide(self, pending: _Pending) -> _Decision:
+        try:
+            response = await self.safety.check(policy_request(pending.request))
+        except KernelUnavailable as exc:
+            # Never a terminal deny: the job waits and asks again (upstream denied it).
+            self._kernel_failures += 1
+            backoff = min(
+                self.config.kernel_backoff_cap_ms,
+                self.config.kernel_backoff_base_ms * 2 ** min(self._kernel_failures - 1, 16),
+            )
+            return _Decision("throttle", None, backoff, f"safety kernel unavailable: {exc}")
+        self._kernel_failures = 0
+        decision = response.decision
+        self.metrics.safety_decisions.labels(_D.Name(decision)).inc()
+        if decision == _D.DECISION_TYPE_REQUIRE_HUMAN or response.approval_required:
+            return _Decision("require", response, reason=response.reason)
+        if decision in (_D.DECISION_TYPE_ALLOW, _D.DECISION_TYPE_ALLOW_WITH_CONSTRAINTS):
+            return _Decision("allow", response)
+        if decision == _D.DECISION_TYPE_THROTTLE:
+            delay = retry_after_ms(response) or 5000
+            return _Decision("throttle", response, delay, response.reason or "throttled")
+        if decision == _D.DECISION_TYPE_DENY:
+            return _Decision("deny", response, reason=response.reason or "denied by policy")
+        return _Decision(
+            "deny", response, reason=f"unsupported safety decision {_D.Name(decision)}"
+        )
+
+    def _admission(self, p: _Pending, now: int) -> Admission:
+        d = p.decision
+        assert d is not None
+        response = d.response
+        record = b""
+        snapshot = ""
+        if response is not None:
+            snapshot = response.policy_snapshot
+            decision = v1_job_pb2.SafetyDecision(
+                decision=response.decision,
+                reason=response.reason,
+                rule_id=response.rule_id,
+                policy_snapshot=snapshot,
+                constraints=response.constraints,
+                approval_required=response.approval_required or d.kind == "require",
+                approval_ref=response.approval_ref,
+                job_hash=p.hash,
+                remediations=response.remediations,
+                checked_at=ms_timestamp(now),
+            )
+            record = decision.SerializeToString()
+        base = Admission(
+            job_id=p.request.job_id,
+            decision=d.kind,
+            decision_bytes=record,
+            job_hash=p.hash,
+            snapshot=snapshot,
+            retry_after_ms=d.retry_after_ms,
+            reason=d.reason,
+        )
+        if d.kind != "allow":
+            return base
+        budgets = response.constraints.budgets if response is not None else None
+        max_runtime = budgets.max_runtime_ms if budgets is not None else 0
+        placement = p.placement
+        if isinstance(placement, Unplaceable):
+            if placement.final:
+                return replace(
+                    base, decision="fail", reason=placement.reason, fail_code=placement.code
+                )
+            return replace(
+                base,
+                decision="throttle",
+                reason=placement.reason,
+                retry_after_ms=self.config.no_worker_retry_ms,
+            )
+        assert placement is not None
+        return replace(
+            base,
+            worker_id=placement.worker_id,
+            subject=placement.subject,
+            max_retries_cap=budgets.max_retries if budgets and budgets.max_retries > 0 else -1,
+            deadline_ms=now + max_runtime if max_runtime > 0 else 0,
+            max_concurrent=budgets.max_concurrent_jobs if budgets else 0,
+        )
+
+    async def _admit_batch(self, batch: list[_Pending]) -> None:
+        decisions = await asyncio.gather(*(self._decide(p) for p in batch))
+        now = now_ms()
+        workers = self.registry.workers()
+        for pending, decision in zip(batch, decisions, strict=True):
+            pending.decision = decision
+            if decision.kind == "require":
+                pending.hash = job_hash(pending.request)
+            elif decision.kind == "allow":
+                pending.placement = place(pending.request, workers, self.pools)
+                if isinstance(pending.placement, Placement) and pending.placement.worker_id:
+                    # Count it now, so the rest of the batch spreads over the workers.
+                    self.registry.note_dispatch(pending.placement.worker_id)
+        outcomes = await self.store.admit_many([self._admission(p, now) for p in batch], now)
+        missing: list[_Pending] = []
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            request = pending.request
+            kind = outcome.kind
+            if kind == "dispatched":
+                await self._dispatch(pending, outcome.attempts, outcome.deadline_ms, now)
+            elif kind == "missing":
+                missing.append(pending)
+                continue
+            elif kind == "duplicate":
+                logger.debug("ignored submit for %s in state %s", request.job_id, outcome.detail)
+                continue
+            elif kind == "throttled":
+                await self.events.publish(request.job_id, "PENDING", outcome.detail)
+                continue
+            state = {
+                "approval": "APPROVAL_REQUIRED",
+                "denied": "DENIED",
+                "failed": "FAILED",
+                "dispatched": "DISPATCHED",
+            }[kind]
+            self.metrics.jobs_transitions.labels(state, request.topic).inc()
+            if kind != "dispatched":
+                reason = pending.decision.reason if pending.decision else ""
+                await self.events.publish(request.job_id, state, outcome.detail or reason)
+            if kind in ("denied", "failed"):
+                await self._publish_dlq(request, state, outcome.detail or reason)
+        if missing:
+            await self._intake(missing, now)
+
+    async def _intake(self, batch: list[_Pending], now: int) -> None:
+        """Jobs published on sys.job.submit by a CAP client (no record yet): store, admit."""
+        news = [
+            NewJob(
+                job=v1_job_pb2.Job(
+                    id=p.request.job_id,
+                    trace_id=p.trace_id,
+                    topic=p.request.topic,
+                    tenant_id=p.request.tenant_id or p.request.meta.tenant_id or "default",
+                    principal_id=p.request.principal_id,
+                    priority=p.request.priority,
+                    labels=dict(p.request.labels),
+                    context_ptr=p.request.context_ptr,
+                    memory_id=p.request.memory_id,
+                    budget=p.request.budget,
+                    parent_job_id=p.request.parent_job_id,
+                ),
+                request=p.request,
+                ctx_key="",
+                ctx_json=b"",
+            )
+            for p in batch
+        ]
+        await self.store.submit_many(news, now)
+        for p in batch:
+            self._admits.add(_Pending(p.request, p.trace_id))
+
+    async def _dispatch(self, p: _Pending, attempt: int, deadline_ms: int, now: int) -> None:
+        placement = p.placement
+        assert isinstance(placement, Placement)
+        request = job_pb2.JobRequest()
+        request.CopyFrom(p.request)
+        response = p.decision.response if p.decision else None
+        if response is not None and response.HasField("constraints"):
+            _apply_constraints(request, response.constraints)
+        if deadline_ms > 0:
+            request.budget.deadline_ms = max(deadline_ms - now, 1)
+        request.dispatch.CopyFrom(
+            job_pb2.DispatchIdentity(
+                dispatch_id=f"{request.job_id}@{attempt}",
+                attempt=attempt,
+                assigned_worker_id=placement.worker_id,
+            )
+        )
+        packet = cap.envelope(
+            sender_id=self.config.sender_id,
+            trace_id=p.trace_id or request.job_id,
+            job_request=request,
+        )
+        await self.nats.publish(placement.subject, cap.encode(packet))
+        await self.events.publish(
+            request.job_id, "DISPATCHED", f"attempt {attempt} on {placement.subject}"
+        )
+
+    async def _publish_dlq(self, request: job_pb2.JobRequest, state: str, reason: str) -> None:
+        result = job_pb2.JobResult(
+            job_id=request.job_id,
+            status=job_pb2.JobStatus.Value(f"JOB_STATUS_{state}"),
+            error_message=reason,
+        )
+        packet = cap.envelope(
+            sender_id=self.config.sender_id, trace_id=request.job_id, job_result=result
+        )
+        await self.nats.publish(self.subjects.dlq, cap.encode(packet))
+
+    # -- results ----------------------------------------------------------------------
+
+    async def _result_batch(self, batch: list[job_pb2.JobResult]) -> None:
+        completions = []
+        for r in batch:
+            state = _RESULT_STATES.get(r.status, "FAILED")
+            message = r.error_message
+            if r.status not in _RESULT_STATES:
+                message = f"unexpected status {_STATUS.Name(r.status)}: {message}"
+            never_retry = r.status == _STATUS.JOB_STATUS_FAILED_FATAL
+            completions.append(
+                Completion(
+                    job_id=r.job_id,
+                    status=state,
+                    result_ptr=r.result_ptr,
+                    worker_id=r.worker_id,
+                    execution_ms=r.execution_ms,
+                    error_code=r.error_code,
+                    error_message=message,
+                    artifact_ptrs=list(r.artifact_ptrs),
+                    backoff_base_ms=-1 if never_retry else self.config.retry_backoff_base_ms,
+                    backoff_cap_ms=self.config.retry_backoff_cap_ms,
+                )
+            )
+        now = now_ms()
+        outcomes = await self.store.complete_many(completions, now)
+        for c, outcome in zip(completions, outcomes, strict=True):
+            if outcome.kind == "done":
+                await self.events.publish(c.job_id, outcome.state, c.error_message)
+                if outcome.state != "SUCCEEDED":
+                    await self._publish_dlq(
+                        job_pb2.JobRequest(job_id=c.job_id), outcome.state, c.error_message
+                    )
+            elif outcome.kind == "retry":
+                await self.events.publish(
+                    c.job_id, "PENDING", f"attempt {outcome.attempts} failed; retry scheduled"
+                )
+            elif outcome.kind == "ignored":
+                logger.info("ignored late result for %s (job is %s)", c.job_id, outcome.state)
+
+    async def _on_progress(self, msg: Msg) -> None:
+        packet = self._decode(msg)
+        if packet is None or not packet.HasField("job_progress"):
+            return
+        progress = packet.job_progress
+        moved = await self.store.transition(
+            progress.job_id,
+            allowed_from=["DISPATCHED"],
+            to="RUNNING",
+            message=f"progress {progress.percent}%: {progress.message}",
+            now_ms=now_ms(),
+        )
+        if moved.ok or moved.previous == "RUNNING":
+            await self.events.publish(
+                progress.job_id, "RUNNING", f"{progress.percent}% {progress.message}".strip()
+            )
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        packet = self._decode(msg)
+        if packet is None or not packet.HasField("job_cancel"):
+            return
+        cancel = packet.job_cancel
+        outcome = await self.store.transition(
+            cancel.job_id,
+            allowed_from=["PENDING", "APPROVAL_REQUIRED", "SCHEDULED", "DISPATCHED", "RUNNING"],
+            to="CANCELLED",
+            message=f"cancelled by {cancel.requested_by}: {cancel.reason}",
+            now_ms=now_ms(),
+        )
+        if outcome.ok:
+            await self.events.publish(cancel.job_id, "CANCELLED", cancel.reason)
+
+    # -- delayed work ------------------------------------------------------------------
+
+    async def _due_loop(self) -> None:
+        while True:
+            try:
+                await self._run_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("due loop failed; retrying")
+            await asyncio.sleep(self.config.due_poll_s)
+
+    async def _run_due(self) -> None:
+        ids = await self.store.claim_due(now_ms())
+        if not ids:
+            return
+        for record in await self.store.get_many(ids):
+            if record is not None and record.state == "PENDING":
+                self.readmit(record.request, record.job.trace_id)
+
+
+def _apply_constraints(request: job_pb2.JobRequest, constraints: object) -> None:
+    """Constraints travel with the job so the worker sees them (upstream's env names)."""
+    assert isinstance(constraints, safety_pb2.PolicyConstraints)
+    request.env["CORDUM_POLICY_CONSTRAINTS"] = json_format.MessageToJson(constraints, indent=None)
+    if constraints.redaction_level:
+        request.env["CORDUM_REDACTION_LEVEL"] = constraints.redaction_level
+    budgets = constraints.budgets
+    for name, value in (
+        ("CORDUM_MAX_ARTIFACT_BYTES", budgets.max_artifact_bytes),
+        ("CORDUM_MAX_CONCURRENT_JOBS", budgets.max_concurrent_jobs),
+        ("CORDUM_MAX_RETRIES", budgets.max_retries),
+        ("CORDUM_MAX_RUNTIME_MS", budgets.max_runtime_ms),
+    ):
+        if value > 0:
+            request.env[name] = str(value)
