@@ -64,4 +64,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) $(CODEGEN) tools/node_modules .pytest_cache
+	rm -rf $(VENV) $(CODEGEN) .venv-cap tools/node_modules .pytest_cache

@@ -12,6 +12,7 @@ below: a ``--<name>-url`` option plus a session fixture that starts the service 
 option is given, and stops it afterwards.
 """
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,12 @@ from cordum.server.app import App
 from cordum.server.stack.services import start_nats, start_valkey
 
 from support.cordum import app_settings, running_app, start_envoy_for, write_config
+
+# grpc's AioServer.__dealloc__ logs the dying server itself at DEBUG ("__dealloc__ called
+# on running server %s") when a server is dropped without having run (an app whose start
+# failed). pytest captures DEBUG records, the record resurrects the server, and releasing
+# the captured records later frees it twice: a segfault in a later test.
+logging.getLogger("grpc._cython.cygrpc").setLevel(logging.INFO)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

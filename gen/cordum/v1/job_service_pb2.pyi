@@ -84,7 +84,7 @@ class SubmitJobRequest(_message.Message):
     prompt: _builtins.str
     """Text for the worker. Required unless `input` is given; at most 100,000 bytes."""
     topic: _builtins.str
-    """Topic to dispatch on; must start with `job.`. Default `job.default`."""
+    """Required. Topic to dispatch on; must start with `job.`."""
     adapter_id: _builtins.str
     priority: _builtins.str
     """`interactive` (default), `batch` or `critical` (or the JOB_PRIORITY_* names)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -32,6 +33,12 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with App(settings):
+        # Everything allocated at start-up lives for the process; keep it out of the
+        # collector, and collect young objects less often: a full collection stalls the
+        # event loop for ~50 ms at load (measured), straight into tail latency.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 50)
         await stop.wait()
         logger.info("shutting down")
 

@@ -5,7 +5,10 @@ down in reverse order.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 
@@ -97,13 +100,13 @@ class App:
     async def start(self) -> None:
         s = self.settings
         self.redis = await open_redis(s.redis_url)
-        self._stack.push_async_callback(self.redis.aclose)
+        self._defer(self.redis.aclose)
         self.nats = await open_nats(s.nats_url, name=f"cordum-{s.instance_id}")
-        self._stack.push_async_callback(self._drain_nats)
+        self._defer(self._drain_nats)
 
         metrics = MetricsServer(self.metrics_registry, s.metrics_host, s.metrics_port)
         await metrics.start()
-        self._stack.push_async_callback(metrics.stop)
+        self._defer(metrics.stop)
         self.metrics_port = metrics.bound_port
 
         # Metrics outermost, so it sees the status the error interceptor sets.
@@ -121,7 +124,7 @@ class App:
             raise RuntimeError(f"cannot listen for gRPC on {s.grpc_address}")
         await server.start()
         self._server = server
-        self._stack.push_async_callback(self._stop_grpc)
+        self._defer(self._stop_grpc)
         for name in ["", *self._served]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -131,6 +134,21 @@ class App:
 
     async def stop(self) -> None:
         await self._stack.aclose()
+
+    def _defer(self, stop: Callable[[], Awaitable[object]], timeout_s: float = 15.0) -> None:
+        """Register a teardown step, bounded: one stuck step (a socket that never closes)
+        must not keep the process from exiting or the next steps from running."""
+
+        async def bounded() -> None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await stop()
+            except TimeoutError:
+                logger.error("shutdown step %s timed out after %ss", stop, timeout_s)
+            except Exception:
+                logger.exception("shutdown step %s failed", stop)
+
+        self._stack.push_async_callback(bounded)
 
     async def _build_roles(self, server: grpc.aio.Server) -> None:
         assert self.redis is not None and self.nats is not None
@@ -146,6 +164,7 @@ class App:
             ),
         )
         safety = await self._safety(server)
+        await self._install_policy_admin(server)
         if roles & {"gateway", "scheduler"}:
             self.registry = WorkerRegistry(
                 self.nats,
@@ -154,7 +173,7 @@ class App:
                 ).inc(),
             )
             await self.registry.start()
-            self._stack.push_async_callback(self.registry.stop)
+            self._defer(self.registry.stop)
         events = JobEventPublisher(self.nats, self.subjects.job_events)
         if "scheduler" in roles:
             assert self.registry is not None
@@ -169,25 +188,26 @@ class App:
                 subjects=self.subjects,
                 metrics=self.metrics,
                 events=events,
-                config=SchedulerConfig(sender_id=s.sender_id),
+                config=SchedulerConfig(sender_id=s.sender_id, instance_id=s.instance_id),
             )
             await self.scheduler.start()
-            self._stack.push_async_callback(self.scheduler.stop)
+            self._defer(self.scheduler.stop)
             reconciler = Reconciler(
                 scheduler=self.scheduler,
                 interval_s=s.reconcile_interval_s or timeouts.reconciler.scan_interval_seconds,
                 owner=s.instance_id,
             )
             await reconciler.start()
-            self._stack.push_async_callback(reconciler.stop)
+            self._defer(reconciler.stop)
         if "gateway" in roles:
             await self._gateway(server, safety)
+        await self._install_workflows(server)
 
     async def _safety(self, server: grpc.aio.Server) -> SafetyClient:
         s = self.settings
         if "safety" not in self.roles:
             client = GrpcSafetyClient(s.safety_addr, s.safety_timeout_s)
-            self._stack.push_async_callback(client.close)
+            self._defer(client.close)
             return client
         self.kernel = SafetyKernel(
             s.config_dir / "safety.yaml",
@@ -195,7 +215,7 @@ class App:
             watch_interval_s=s.policy_watch_s,
         )
         await self.kernel.start()
-        self._stack.push_async_callback(self.kernel.stop)
+        self._defer(self.kernel.stop)
         safety_pb2_grpc.add_SafetyKernelServicer_to_server(
             SafetyKernelServicer(self.kernel), server
         )
@@ -203,12 +223,140 @@ class App:
         self._implemented.add(safety_kernel_service().full_name)
         return LocalSafetyClient(self.kernel)
 
+    async def _install_policy_admin(self, server: grpc.aio.Server) -> None:
+        """Config service, policy administration and the schema registry.
+
+        `self.config` (ConfigService, for effective config) exists in gateway, scheduler and
+        workflow processes and loads the config/*.yaml defaults on start. Every kernel
+        enforces the base file plus the current PUBLISHED policy version (read from Redis),
+        records the checks it answers (for ReplayPolicy) and reloads on policy events. The
+        gateway serves ConfigService, PolicyService and SchemaService, with a kernel of its
+        own for evaluate/explain when the safety role runs in another process.
+        """
+        from cordum.server.api.config_servicer import ConfigServicer
+        from cordum.server.api.policy_servicer import PolicyServicer
+        from cordum.server.api.schema_servicer import SchemaServicer
+        from cordum.server.safety.model import build_policy_set
+        from cordum.server.services.config_service import ConfigService
+        from cordum.server.services.policy_admin import PolicyAdmin
+        from cordum.server.services.policy_eval import PolicyEvaluator
+        from cordum.server.services.policy_recorder import (
+            DecisionRecorder,
+            PolicyEvents,
+            published_sources,
+        )
+        from cordum.server.services.schemas import SchemaService
+        from cordum.server.stores.config import ConfigStore
+        from cordum.server.stores.policy import PolicyStore
+        from cordum.server.stores.schemas import SchemaStore
+        from cordum.v1 import (
+            config_service_pb2_grpc,
+            policy_service_pb2_grpc,
+            schema_service_pb2_grpc,
+        )
+
+        assert self.redis is not None and self.nats is not None
+        s, roles = self.settings, self.roles
+        self.config: ConfigService | None = None
+        self.policy_admin: PolicyAdmin | None = None
+        self.schemas: SchemaService | None = None
+        if roles & {"gateway", "scheduler", "workflow"}:
+            self.config = ConfigService(ConfigStore(self.redis, prefix=s.namespace), s.config_dir)
+            await self.config.start()
+        if not roles & {"gateway", "safety"}:
+            return
+        store = PolicyStore(self.redis, prefix=s.namespace)
+        sources = published_sources(store)
+        events = PolicyEvents(self.nats, self.subjects.policy_events)
+        self._defer(events.stop)
+        recorder = DecisionRecorder(store)
+        await recorder.start()
+        self._defer(recorder.stop)
+        kernel = self.kernel
+        if kernel is None:
+            kernel = SafetyKernel(
+                s.config_dir / "safety.yaml",
+                extra_sources=sources,
+                cache_ttl_s=0,
+                watch_interval_s=s.policy_watch_s,
+            )
+            await kernel.start()
+            self._defer(kernel.stop)
+        else:
+            # A published version that no longer loads fails the start, like a bad file.
+            build_policy_set(None, await sources())
+            kernel.extra_sources = sources
+            kernel.on_check = recorder.record
+            await kernel.reload()
+        await events.follow(kernel)
+        if "gateway" not in roles:
+            return
+        assert self.config is not None
+        self.policy_admin = PolicyAdmin(store, kernel, events)
+        evaluator = PolicyEvaluator(self.policy_admin, store, self.config, recorder)
+        self.schemas = SchemaService(SchemaStore(self.redis, prefix=s.namespace))
+        policy_service_pb2_grpc.add_PolicyServiceServicer_to_server(
+            PolicyServicer(self.policy_admin, evaluator), server
+        )
+        config_service_pb2_grpc.add_ConfigServiceServicer_to_server(
+            ConfigServicer(self.config), server
+        )
+        schema_service_pb2_grpc.add_SchemaServiceServicer_to_server(
+            SchemaServicer(self.schemas), server
+        )
+        self._implemented |= {
+            "cordum.v1.ConfigService",
+            "cordum.v1.PolicyService",
+            "cordum.v1.SchemaService",
+        }
+
+    async def _install_workflows(self, server: grpc.aio.Server) -> None:
+        """The workflow engine. The "workflow" role runs the engine and its reconciler (engines
+        in several processes share runs through a NATS queue group); the "gateway" role serves
+        WorkflowService and RunService and asks the engine for an immediate pass (directly when
+        it runs here, else by an advance message). `self.workflows` holds the pieces.
+        """
+        from cordum.server.workflows.engine import EngineConfig
+        from cordum.server.workflows.runtime import (
+            SERVICE_NAMES,
+            WorkflowRuntime,
+            WorkflowSettings,
+        )
+
+        assert self.redis is not None and self.nats is not None and self.store is not None
+        s, roles = self.settings, self.roles
+        self.workflows: WorkflowRuntime | None = None
+        if not roles & {"workflow", "gateway"}:
+            return
+        interval = s.reconcile_interval_s or 5.0
+        runtime = WorkflowRuntime(
+            redis=self.redis,
+            nats=self.nats,
+            subjects=self.subjects,
+            jobs=self.store,
+            settings=WorkflowSettings(
+                prefix=s.namespace,
+                instance_id=s.instance_id,
+                run_ttl_s=s.job_ttl_s,
+                idempotency_ttl_s=s.idempotency_ttl_s,
+                reconcile_interval_s=interval,
+                engine=EngineConfig(timer_poll_s=min(0.1, interval)),
+            ),
+        )
+        self._defer(runtime.stop)
+        if "workflow" in roles:
+            await runtime.start_engine()
+        if "gateway" in roles:
+            await runtime.serve(server)
+            self._implemented |= SERVICE_NAMES
+        self.workflows = runtime
+
     async def _gateway(self, server: grpc.aio.Server, safety: SafetyClient) -> None:
         assert self.redis is not None and self.nats is not None and self.store is not None
         s = self.settings
         hub = JobEventHub(self.nats, self.subjects.job_events)
         await hub.start()
-        self._stack.push_async_callback(hub.stop)
+        self._defer(hub.stop)
         self.jobs = JobService(
             store=self.store,
             nats=self.nats,
@@ -254,6 +402,11 @@ class App:
     async def _drain_nats(self) -> None:
         if self.nats is not None and not self.nats.is_closed:
             try:
-                await self.nats.drain()
-            except Exception:  # already closing or disconnected: nothing left to drain
+                # Bounded: a half-closed socket can make nats-py wait forever.
+                async with asyncio.timeout(5):
+                    await self.nats.drain()
+            except Exception:  # already closing, disconnected, or stuck: close hard
                 logger.debug("nats drain failed", exc_info=True)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2):
+                        await self.nats.close()

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client as NATS
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,13 @@ def redact_url(url: str) -> str:
     return url
 
 
-async def open_redis(url: str, *, timeout_s: float = 10.0) -> Redis:
-    client = Redis.from_url(url, decode_responses=False, health_check_interval=30)
+async def open_redis(url: str, *, timeout_s: float = 10.0, max_connections: int = 64) -> Redis:
+    # A blocking pool waits for a free connection under bursts instead of failing the call
+    # (redis-py's default pool raises MaxConnectionsError past its limit).
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=10, health_check_interval=30
+    )
+    client = Redis.from_pool(pool)  # closes the pool with the client
     deadline = time.monotonic() + timeout_s
     while True:
         try:

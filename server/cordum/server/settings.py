@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +25,8 @@ ALL_ROLES: tuple[str, ...] = ("gateway", "scheduler", "safety", "workflow", "con
 
 
 def _default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    # Unique per App, also when tests run several in one process.
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class Settings(BaseSettings):

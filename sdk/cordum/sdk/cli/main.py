@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import typer
 
-from cordum.sdk.cli import stack
+from cordum.sdk import DEFAULT_TARGET
+from cordum.sdk.cli import approvals, jobs, stack
+from cordum.sdk.cli._common import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cordum command line.")
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    target: str = typer.Option(
+        DEFAULT_TARGET, "--target", envvar="CORDUM_TARGET", help="The Cordum gRPC address."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="CORDUM_API_KEY", help="Sent as x-api-key.", show_default=False
+    ),
+) -> None:
+    # Read once here and handed down; commands never look at the environment themselves.
+    ctx.obj = Settings(target=target, api_key=api_key)
+
+
 app.command()(stack.up)
 app.command()(stack.down)
 app.command()(stack.status)
+app.add_typer(jobs.app, name="job")
+app.add_typer(approvals.app, name="approval")
 
 
 def main() -> None:

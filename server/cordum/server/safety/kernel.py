@@ -36,6 +36,9 @@ from cordum.v1 import error_reason_pb2
 logger = logging.getLogger(__name__)
 
 ExtraSources = Callable[[], Awaitable[list[tuple[str, str]]]]
+# Told about every decision `check` returns (e.g. the policy decision recorder). Runs on the
+# hot path: it must not block, and its exceptions are logged, never raised.
+CheckHook = Callable[[safety_pb2.PolicyCheckRequest, safety_pb2.PolicyCheckResponse], None]
 DEFAULT_POLICY_PATH = "config/safety.yaml"
 _FileSignature = tuple[int, int, int]
 
@@ -104,6 +107,7 @@ class SafetyKernel:
         policy_path: str | os.PathLike[str] | None = DEFAULT_POLICY_PATH,
         *,
         extra_sources: ExtraSources | None = None,
+        on_check: CheckHook | None = None,
         cache_ttl_s: float = 5.0,
         cache_size: int = 10_000,
         watch_interval_s: float = 30.0,
@@ -120,6 +124,7 @@ class SafetyKernel:
         """
         self._path = Path(policy_path) if policy_path is not None else None
         self._extra_sources = extra_sources
+        self.on_check = on_check
         self._cache = DecisionCache(cache_ttl_s, cache_size, clock) if cache_ttl_s > 0 else None
         self._watch_interval_s = watch_interval_s
         self._full_check_every = max(1, full_check_every)
@@ -127,10 +132,13 @@ class SafetyKernel:
         self._policy_set: PolicySet | None = None
         self._reload_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._stopping = False
         self._polls = 0
         # What the watcher last saw of the file (valid or not), to skip unchanged content.
         self._seen_signature: _FileSignature | None = None
         self._seen_digest: str | None = None
+        # The extra sources the last load read, to skip unchanged polls.
+        self._loaded_extras: list[tuple[str, str]] | None = None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -150,6 +158,15 @@ class SafetyKernel:
         """Installed snapshot ids, newest first (bounded, in-process, reset on restart)."""
         return list(self._history)
 
+    @property
+    def extra_sources(self) -> ExtraSources | None:
+        return self._extra_sources
+
+    @extra_sources.setter
+    def extra_sources(self, sources: ExtraSources | None) -> None:
+        """Replace the extra sources; they are read at the next `reload()`."""
+        self._extra_sources = sources
+
     def _current(self) -> PolicySet:
         if self._policy_set is None:
             raise unavailable("safety policy not loaded")
@@ -158,7 +175,17 @@ class SafetyKernel:
     # -- decisions -------------------------------------------------------------------------
 
     def check(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
-        """The scheduler's check: evaluation through the decision cache."""
+        """The scheduler's check: evaluation through the decision cache, then `on_check`."""
+        response = self._check(request)
+        hook = self.on_check
+        if hook is not None:
+            try:
+                hook(request, response)
+            except Exception:
+                logger.exception("safety kernel on_check hook failed")
+        return response
+
+    def _check(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
         policy_set = self._current()
         if self._cache is None:
             return evaluate(policy_set, request).response
@@ -202,11 +229,13 @@ class SafetyKernel:
         async with self._reload_lock:
             self._install(await self._load())
         if self._watch_interval_s > 0 and self._watcher is None:
+            self._stopping = False
             self._watcher = asyncio.create_task(
                 self.run_watcher(self._watch_interval_s), name="safety-policy-watcher"
             )
 
     async def stop(self) -> None:
+        self._stopping = True
         task, self._watcher = self._watcher, None
         if task is not None:
             task.cancel()
@@ -233,8 +262,13 @@ class SafetyKernel:
             return self._install(policy_set)
 
     async def run_watcher(self, interval_s: float) -> None:
-        """Poll for policy changes forever (hot reload); errors are logged, never fatal."""
-        while True:
+        """Poll for policy changes until `stop()` (hot reload); errors are logged, never fatal.
+
+        The flag, not only the cancellation, ends the loop: redis-py can swallow a
+        cancellation that lands inside a command (the extra sources read Redis), and the
+        loop would then sleep on forever while `stop()` waits for it.
+        """
+        while not self._stopping:
             await asyncio.sleep(interval_s)
             try:
                 await self.check_for_changes()
@@ -245,8 +279,14 @@ class SafetyKernel:
         """One watcher poll: cheap stat, then content hash, then reload. Returns installed?"""
         self._polls += 1
         if self._extra_sources is not None:
-            # Extra sources (bundles) have no cheap change signal; the snapshot decides.
-            return await self.reload()
+            # Extra sources (bundles) are compared as read; unchanged ones leave the decision
+            # to the file checks below, so nothing is re-parsed unless something changed.
+            try:
+                extras = list(await self._extra_sources())
+            except Exception:
+                return await self.reload()  # logs the failure, keeps the last good policy
+            if extras != self._loaded_extras:
+                return await self.reload()
         if self._path is None:
             return False
         signature = await asyncio.to_thread(_stat, self._path)
@@ -265,6 +305,7 @@ class SafetyKernel:
 
     async def _load(self) -> PolicySet:
         extras = list(await self._extra_sources()) if self._extra_sources is not None else []
+        self._loaded_extras = extras
         return await asyncio.to_thread(self._build, extras)
 
     def _build(self, extras: list[tuple[str, str]]) -> PolicySet:

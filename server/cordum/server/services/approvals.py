@@ -102,6 +102,16 @@ class ApprovalService:
                 R.ERROR_REASON_JOB_NOT_AWAITING_APPROVAL,
                 f"job {job_id} is {outcome.previous}, not awaiting approval",
             )
+        # Watchers see the job leave APPROVAL_REQUIRED, as they see a rejection.
+        await self.jobs.nats.publish(
+            self.jobs.subjects.job_events,
+            job_pb2.JobEvent(
+                job_id=job_id,
+                state=job_pb2.JOB_STATE_PENDING,
+                message=f"approved: {reason}".rstrip(": "),
+                time=ms_timestamp(now_ms()),
+            ).SerializeToString(),
+        )
         # Back to the scheduler at once (not on a reconciler tick).
         await self.jobs.publish_submit(record.request, record.job.trace_id)
         return await self.jobs.get(job_id, caller)
@@ -138,6 +148,8 @@ class ApprovalService:
             status=agent.JOB_STATUS_DENIED,
             error_code="approval_rejected",
             error_message=why,
+            # CAP admits a JobResult only when worker_id is the sender's id.
+            worker_id=self.jobs.sender_id,
         )
         packet = cap.envelope(sender_id=self.jobs.sender_id, trace_id=job_id, job_result=result)
         await self.jobs.nats.publish(self.jobs.subjects.dlq, cap.encode(packet))

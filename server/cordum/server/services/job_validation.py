@@ -30,7 +30,6 @@ MAX_TAGS = 50
 MAX_LABEL_VALUE = 1000
 MAX_TOKENS = 10_000_000_000
 MAX_RETRIES = 100
-DEFAULT_TOPIC = "job.default"
 
 _PRIORITIES = {
     "": agent.JOB_PRIORITY_INTERACTIVE,
@@ -85,8 +84,11 @@ def build_job(
         v.add("prompt", "required (or give `input`)")
     if prompt_size > MAX_PROMPT_BYTES:
         v.add("prompt", f"at most {MAX_PROMPT_BYTES} bytes (got {prompt_size})")
-    topic = req.topic.strip() or DEFAULT_TOPIC
-    if not TOPIC_RE.match(topic) or len(topic) > 200:
+    # Required: a job sent to a default topic nobody serves would only time out.
+    topic = req.topic.strip()
+    if not topic:
+        v.add("topic", "required")
+    elif not TOPIC_RE.match(topic) or len(topic) > 200:
         v.add("topic", "must look like `job.<name>[.<name>...]` (letters, digits, `_`, `-`)")
     job_id = req.job_id.strip() or str(uuid.uuid4())
     if not ID_RE.match(job_id):

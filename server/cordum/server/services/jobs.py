@@ -88,6 +88,11 @@ class JobService:
         self._writes: Batcher[tuple[NewJob, asyncio.Future[SubmitOutcome]]] = Batcher(
             self._write_batch, name="gateway-submit"
         )
+        # Finished submit-and-wait calls read record + result together, one pipeline per
+        # batch of callers.
+        self._reads: Batcher[tuple[str, asyncio.Future[tuple[JobRecord | None, bytes | None]]]] = (
+            Batcher(self._read_batch, name="gateway-read")
+        )
 
     # -- submit -----------------------------------------------------------------------
 
@@ -113,6 +118,27 @@ class JobService:
         for (_, future), outcome in zip(items, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+    async def _read_batch(
+        self, items: list[tuple[str, asyncio.Future[tuple[JobRecord | None, bytes | None]]]]
+    ) -> None:
+        try:
+            found = await self.store.get_with_result_many([job_id for job_id, _ in items])
+        except Exception as exc:
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), value in zip(items, found, strict=True):
+            if not future.done():
+                future.set_result(value)
+
+    async def _read_with_result(self, job_id: str) -> tuple[JobRecord | None, bytes | None]:
+        future: asyncio.Future[tuple[JobRecord | None, bytes | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._reads.add((job_id, future))
+        return await future
 
     async def _write(self, new: NewJob) -> SubmitOutcome:
         future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
@@ -202,7 +228,7 @@ class JobService:
                 await self._await_terminal(queue, (timeout_ms or DEFAULT_WAIT_MS) / 1000)
         finally:
             self.hub.forget(job_id, queue)
-        record, result = await self.store.get_with_result(job_id)
+        record, result = await self._read_with_result(job_id)
         return submitted, record, result
 
     async def _await_terminal(
@@ -261,6 +287,7 @@ class JobService:
             to="CANCELLED",
             message=f"cancelled by {caller.principal or 'api'}: {why}",
             now_ms=now_ms(),
+            fields={"error_message": why, "error_code": "cancelled"},
         )
         if not outcome.ok and outcome.previous != "CANCELLED":
             raise failed_precondition(

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
-from cordum.server.services.scheduler import Scheduler, now_ms
+from cordum.server.services.scheduler import Scheduler, now_ms, stop_task
 from cordum.server.stores.jobs import ACTIVE, STATES, JobRecord
 
 logger = logging.getLogger(__name__)
 
-# A worker is lost after ~3 missed 5 s heartbeats; its jobs are re-dispatched after that.
-WORKER_LOST_GRACE_MS = 15_000
 BATCH = 200
+# Pages of stale candidates looked at per state and tick.
+MAX_PAGES = 50
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -37,6 +37,7 @@ class TickReport:
     timed_out: int = 0
     requeued: int = 0
     replayed: int = 0
+    recovered: int = 0
     trimmed: int = 0
     skipped: bool = False
     details: list[str] = field(default_factory=list)
@@ -50,12 +51,15 @@ class Reconciler:
         interval_s: float,
         owner: str = "",
         pending_replay_ms: int | None = None,
+        recovery_grace_ms: int = 5000,
     ) -> None:
         self.scheduler = scheduler
         self.store = scheduler.store
         self.interval_s = interval_s
         self.owner = f"{owner}-{uuid.uuid4().hex[:6]}"
         self.pending_replay_ms = pending_replay_ms or max(int(interval_s * 2000), 5000)
+        # How old a dispatch must be before its result or its dispatcher is looked for.
+        self.recovery_grace_ms = recovery_grace_ms
         self._task: asyncio.Task[None] | None = None
         self._release = self.store.redis.register_script(_RELEASE)
 
@@ -64,8 +68,7 @@ class Reconciler:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task)
             self._task = None
 
     async def _loop(self) -> None:
@@ -88,6 +91,7 @@ class Reconciler:
         try:
             now = now_ms()
             await self._deadlines(now, report)
+            await self._recover(now, report)
             await self._stale(now, report)
             await self._replay_pending(now, report)
             await self._trim(now, report)
@@ -130,26 +134,87 @@ class Reconciler:
                 sender_id=sched.config.sender_id, trace_id=record.job.id, job_cancel=cancel
             )
             await sched.nats.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
-        await sched._publish_dlq(agent.JobRequest(job_id=record.job.id), "TIMEOUT", why)
+        await sched.publish_dlq(record.job.id, "TIMEOUT", code, why)
 
     async def _requeue_or_end(
         self, record: JobRecord, now: int, code: str, why: str, report: TickReport
     ) -> None:
         if record.job.attempts <= record.job.max_retries:
-            outcome = await self.store.transition(
-                record.job.id,
-                allowed_from=[record.state],
-                to="PENDING",
-                message=f"re-queued: {why}",
-                now_ms=now,
-                fields={"pending_reason": why},
-            )
-            if outcome.ok:
-                await self.store.schedule_due(record.job.id, now)
-                await self.scheduler.events.publish(record.job.id, "PENDING", why)
-                report.requeued += 1
+            await self._requeue(record, now, why, report)
             return
         await self._end(record, now, code, why, report)
+
+    async def _recover(self, now: int, report: TickReport) -> None:
+        """Plain NATS loses messages held by a replica that dies. Two cases are detectable:
+        the worker wrote `res:<id>` but its result message died with the replica that
+        received it (complete the job from the stored result), and the replica that
+        recorded a dispatch died (its lease expired) before publishing it (re-queue the
+        job without charging the attempt; a dispatch that did go out may run twice —
+        at-least-once — but the job still completes once)."""
+        sched = self.scheduler
+        horizon = now - self.recovery_grace_ms
+        for state in ("DISPATCHED", "RUNNING"):
+            ids = await self.store.stale(state, horizon, BATCH)
+            if not ids:
+                continue
+            records = [r for r in await self.store.get_many(ids) if r is not None]
+            pipe = self.store.redis.pipeline(transaction=False)
+            for record in records:
+                pipe.exists(f"res:{record.job.id}")
+                dispatcher = record.fields.get("dispatcher", b"").decode()
+                pipe.exists(sched.lease_key(dispatcher) if dispatcher else "")
+            flags = await pipe.execute()
+            recovered = []
+            for i, record in enumerate(records):
+                has_result, dispatcher_alive = flags[2 * i], flags[2 * i + 1]
+                if record.state != state:
+                    continue
+                if has_result:
+                    recovered.append(
+                        agent.JobResult(
+                            job_id=record.job.id,
+                            status=agent.JOB_STATUS_SUCCEEDED,
+                            result_ptr=cap.redis_pointer(cap.result_key(record.job.id)),
+                            worker_id=record.job.worker_id,
+                        )
+                    )
+                elif record.fields.get("dispatcher") and not dispatcher_alive:
+                    await self._requeue(
+                        record,
+                        now,
+                        "the scheduler that dispatched it stopped",
+                        report,
+                        refund_attempt=True,
+                    )
+            if recovered:
+                await sched.complete(recovered)
+                report.recovered += len(recovered)
+
+    async def _requeue(
+        self,
+        record: JobRecord,
+        now: int,
+        why: str,
+        report: TickReport,
+        *,
+        refund_attempt: bool = False,
+    ) -> bool:
+        fields: dict[str, str | bytes | int] = {"pending_reason": why}
+        if refund_attempt:
+            fields["attempts"] = max(record.job.attempts - 1, 0)
+        outcome = await self.store.transition(
+            record.job.id,
+            allowed_from=[record.state],
+            to="PENDING",
+            message=f"re-queued: {why}",
+            now_ms=now,
+            fields=fields,
+        )
+        if outcome.ok:
+            await self.store.schedule_due(record.job.id, now)
+            await self.scheduler.events.publish(record.job.id, "PENDING", why)
+            report.requeued += 1
+        return outcome.ok
 
     async def _deadlines(self, now: int, report: TickReport) -> None:
         ids = await self.store.past_deadline(now, BATCH)
@@ -164,33 +229,54 @@ class Reconciler:
         sched = self.scheduler
         reconciler = sched.timeouts.reconciler
         dispatch_ms = reconciler.dispatch_timeout_seconds * 1000
-        horizon = now - min(WORKER_LOST_GRACE_MS, dispatch_ms)
-        live = {w.worker_id for w in sched.registry.workers()}
+        registry = sched.registry
+        # Only jobs older than the shortest timeout that could apply can be stale; per-topic
+        # running timeouts count too (a 1 s topic timeout must not wait for the others).
+        topic_timeouts = [t.timeout_seconds for t in sched.timeouts.topics.values()]
+        shortest = min(
+            int(registry.ttl_s * 1000),
+            dispatch_ms,
+            reconciler.running_timeout_seconds * 1000,
+            *(seconds * 1000 for seconds in topic_timeouts if seconds),
+        )
+        horizon = now - shortest
         for state in ("DISPATCHED", "RUNNING"):
-            ids = await self.store.stale(state, horizon, BATCH)
-            for record in await self.store.get_many(ids):
-                if record is None or record.state != state:
-                    continue
-                since = int(record.fields.get("dispatched_ms", b"0") or 0)
-                age = now - since
-                worker = record.job.worker_id
-                running_ms = sched.timeouts.running_timeout_s(record.job.topic) * 1000
-                if age >= running_ms:
-                    await self._requeue_or_end(
-                        record, now, "timeout", f"no result within {running_ms // 1000}s", report
-                    )
-                elif worker and worker not in live and age >= WORKER_LOST_GRACE_MS:
-                    await self._requeue_or_end(
-                        record, now, "worker_lost", f"worker {worker} stopped heartbeating", report
-                    )
-                elif not worker and age >= dispatch_ms:
-                    await self._requeue_or_end(
-                        record,
-                        now,
-                        "dispatch_timeout",
-                        f"no worker took it within {dispatch_ms // 1000}s",
-                        report,
-                    )
+            # Page through: healthy long-running jobs must not hide the stale ones behind
+            # the first batch. Jobs that change state shift later pages; the next tick
+            # catches what this one skipped.
+            for page in range(MAX_PAGES):
+                ids = await self.store.stale(state, horizon, BATCH, offset=page * BATCH)
+                await self._check_stale(state, ids, now, dispatch_ms, report)
+                if len(ids) < BATCH:
+                    break
+
+    async def _check_stale(
+        self, state: str, ids: list[str], now: int, dispatch_ms: int, report: TickReport
+    ) -> None:
+        sched = self.scheduler
+        for record in await self.store.get_many(ids) if ids else []:
+            if record is None or record.state != state:
+                continue
+            since = int(record.fields.get("dispatched_ms", b"0") or 0)
+            age = now - since
+            worker = record.job.worker_id
+            running_ms = sched.timeouts.running_timeout_s(record.job.topic) * 1000
+            if age >= running_ms:
+                await self._requeue_or_end(
+                    record, now, "timeout", f"no result within {running_ms // 1000}s", report
+                )
+            elif worker and sched.registry.is_lost(worker):
+                await self._requeue_or_end(
+                    record, now, "worker_lost", f"worker {worker} stopped heartbeating", report
+                )
+            elif not worker and age >= dispatch_ms:
+                await self._requeue_or_end(
+                    record,
+                    now,
+                    "dispatch_timeout",
+                    f"no worker took it within {dispatch_ms // 1000}s",
+                    report,
+                )
 
     async def _replay_pending(self, now: int, report: TickReport) -> None:
         ids = await self.store.stale("PENDING", now - self.pending_replay_ms, BATCH)

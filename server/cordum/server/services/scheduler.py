@@ -35,7 +35,15 @@ from cordum.server.safety.evaluate import retry_after_ms
 from cordum.server.services.job_events import JobEventPublisher
 from cordum.server.services.placement import Placement, Unplaceable, place
 from cordum.server.services.workers import WorkerRegistry
-from cordum.server.stores.jobs import Admission, Completion, JobStore, NewJob, ms_timestamp
+from cordum.server.stores.jobs import (
+    Admission,
+    AdmitOutcome,
+    CompleteOutcome,
+    Completion,
+    JobStore,
+    NewJob,
+    ms_timestamp,
+)
 from cordum.v1 import job_pb2 as v1_job_pb2
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,17 @@ _RESULT_STATES = {
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel a background loop and wait for it to end, cancelling again if a cancellation
+    got lost inside an await (on Python 3.11 a cancel racing a finishing `wait_for` can be
+    swallowed; the loop then goes on and a plain cancel-then-await never returns)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("task %s ended with an error", task.get_name(), exc_info=task.exception())
 
 
 def job_hash(request: job_pb2.JobRequest) -> str:
@@ -97,6 +116,9 @@ class SchedulerConfig:
     retry_backoff_cap_ms: int = 60_000
     kernel_backoff_base_ms: int = 250
     kernel_backoff_cap_ms: int = 30_000
+    # Identifies this replica in dispatched jobs; its lease lives while it does.
+    instance_id: str = "scheduler"
+    lease_ms: int = 5000
 
 
 @dataclass
@@ -161,15 +183,39 @@ class Scheduler:
             await sub(cap.SUBJECT_PROGRESS, queue=queue, cb=self._on_progress),
             await sub(self.subjects.cancel, queue=queue, cb=self._on_cancel),
         ]
+        await self._renew_lease()
         self._tasks.append(asyncio.create_task(self._due_loop(), name="scheduler-due"))
+        self._tasks.append(asyncio.create_task(self._lease_loop(), name="scheduler-lease"))
+
+    def lease_key(self, instance_id: str) -> str:
+        return f"{self.store.prefix}scheduler:alive:{instance_id}"
+
+    async def _renew_lease(self) -> None:
+        key = self.lease_key(self.config.instance_id)
+        await self.store.redis.set(key, "1", px=self.config.lease_ms)
+
+    async def _lease_loop(self) -> None:
+        # Renewed three times per lease: a replica that stops renewing died (or froze), and
+        # the reconciler re-queues the dispatches it had recorded but maybe never sent.
+        while True:
+            await asyncio.sleep(self.config.lease_ms / 3000)
+            try:
+                await self._renew_lease()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("scheduler lease renewal failed", exc_info=True)
+
+    async def complete(self, results: list[job_pb2.JobResult]) -> None:
+        """Apply results that did not come over the bus (recovered by the reconciler)."""
+        await self._result_batch(results)
 
     async def stop(self) -> None:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs = []
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_task(task)
         self._tasks = []
         await self._admits.drain()
         await self._results.drain()
@@ -256,9 +302,34 @@ class Scheduler:
             snapshot=snapshot,
             retry_after_ms=d.retry_after_ms,
             reason=d.reason,
+            dispatcher=self.config.instance_id,
         )
+        if d.kind == "require":
+            # Held unless the job carries a matching approval; then it runs as allowed.
+            granted = self._allowed(replace(base, decision="allow", reason=""), p, response, now)
+            return replace(
+                base,
+                approved=granted.decision,
+                approved_reason=granted.reason,
+                worker_id=granted.worker_id,
+                subject=granted.subject,
+                max_retries_cap=granted.max_retries_cap,
+                deadline_ms=granted.deadline_ms,
+                max_concurrent=granted.max_concurrent,
+                retry_after_ms=granted.retry_after_ms,
+                fail_code=granted.fail_code,
+            )
         if d.kind != "allow":
             return base
+        return self._allowed(base, p, response, now)
+
+    def _allowed(
+        self,
+        base: Admission,
+        p: _Pending,
+        response: safety_pb2.PolicyCheckResponse | None,
+        now: int,
+    ) -> Admission:
         budgets = response.constraints.budgets if response is not None else None
         max_runtime = budgets.max_runtime_ms if budgets is not None else 0
         placement = p.placement
@@ -291,41 +362,59 @@ class Scheduler:
             pending.decision = decision
             if decision.kind == "require":
                 pending.hash = job_hash(pending.request)
+                # Placed too: an approved job is dispatched by the same admission.
+                pending.placement = place(pending.request, workers, self.pools)
             elif decision.kind == "allow":
                 pending.placement = place(pending.request, workers, self.pools)
                 if isinstance(pending.placement, Placement) and pending.placement.worker_id:
                     # Count it now, so the rest of the batch spreads over the workers.
                     self.registry.note_dispatch(pending.placement.worker_id)
-        outcomes = await self.store.admit_many([self._admission(p, now) for p in batch], now)
+        admissions = [self._admission(p, now) for p in batch]
+        outcomes = await self.store.admit_many(admissions, now)
         missing: list[_Pending] = []
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            request = pending.request
-            kind = outcome.kind
-            if kind == "dispatched":
-                await self._dispatch(pending, outcome.attempts, outcome.deadline_ms, now)
-            elif kind == "missing":
+        for pending, admission, outcome in zip(batch, admissions, outcomes, strict=True):
+            if outcome.kind == "missing":
                 missing.append(pending)
                 continue
-            elif kind == "duplicate":
-                logger.debug("ignored submit for %s in state %s", request.job_id, outcome.detail)
-                continue
-            elif kind == "throttled":
-                await self.events.publish(request.job_id, "PENDING", outcome.detail)
-                continue
-            state = {
-                "approval": "APPROVAL_REQUIRED",
-                "denied": "DENIED",
-                "failed": "FAILED",
-                "dispatched": "DISPATCHED",
-            }[kind]
-            self.metrics.jobs_transitions.labels(state, request.topic).inc()
-            if kind != "dispatched":
-                reason = pending.decision.reason if pending.decision else ""
-                await self.events.publish(request.job_id, state, outcome.detail or reason)
-            if kind in ("denied", "failed"):
-                await self._publish_dlq(request, state, outcome.detail or reason)
+            # One job's failure (a publish on a closing connection) must not strand the
+            # rest of the batch, whose states are already written.
+            try:
+                await self._settle(pending, admission, outcome, now)
+            except Exception:
+                logger.exception("settling the admission of %s failed", pending.request.job_id)
         if missing:
             await self._intake(missing, now)
+
+    async def _settle(
+        self, pending: _Pending, admission: Admission, outcome: AdmitOutcome, now: int
+    ) -> None:
+        """Act on what the admission script decided: dispatch, announce, dead-letter."""
+        request = pending.request
+        kind = outcome.kind
+        if kind == "dispatched":
+            await self._dispatch(pending, outcome.attempts, outcome.deadline_ms, now)
+        elif kind == "duplicate":
+            logger.debug("ignored submit for %s in state %s", request.job_id, outcome.detail)
+            return
+        elif kind == "throttled":
+            await self.events.publish(request.job_id, "PENDING", outcome.detail)
+            return
+        state = {
+            "approval": "APPROVAL_REQUIRED",
+            "denied": "DENIED",
+            "failed": "FAILED",
+            "dispatched": "DISPATCHED",
+        }[kind]
+        self.metrics.jobs_transitions.labels(state, request.topic).inc()
+        if kind == "dispatched":
+            return
+        reason = outcome.detail or (pending.decision.reason if pending.decision else "")
+        await self.events.publish(request.job_id, state, reason)
+        if kind == "denied":
+            await self.publish_dlq(request.job_id, state, "safety_denied", reason)
+        elif kind == "failed":
+            code = admission.fail_code or "max_retries_exceeded"
+            await self.publish_dlq(request.job_id, state, code, reason)
 
     async def _intake(self, batch: list[_Pending], now: int) -> None:
         """Jobs published on sys.job.submit by a CAP client (no record yet): store, admit."""
@@ -356,7 +445,20 @@ class Scheduler:
 
     async def _dispatch(self, p: _Pending, attempt: int, deadline_ms: int, now: int) -> None:
         placement = p.placement
-        assert isinstance(placement, Placement)
+        if not isinstance(placement, Placement):
+            # Recorded as dispatched without a target: never strand it, ask again.
+            logger.error("job %s admitted without a placement; re-queued", p.request.job_id)
+            moved = await self.store.transition(
+                p.request.job_id,
+                allowed_from=["DISPATCHED"],
+                to="PENDING",
+                message="re-queued: no placement",
+                now_ms=now,
+                fields={"attempts": max(attempt - 1, 0)},
+            )
+            if moved.ok:
+                await self.store.schedule_due(p.request.job_id, now)
+            return
         request = job_pb2.JobRequest()
         request.CopyFrom(p.request)
         response = p.decision.response if p.decision else None
@@ -381,15 +483,17 @@ class Scheduler:
             request.job_id, "DISPATCHED", f"attempt {attempt} on {placement.subject}"
         )
 
-    async def _publish_dlq(self, request: job_pb2.JobRequest, state: str, reason: str) -> None:
+    async def publish_dlq(self, job_id: str, state: str, code: str, reason: str) -> None:
+        """Tell DLQ listeners (the entry itself is already in Redis, written by the
+        transition). CAP admits a JobResult only when its worker_id is the sender's id."""
         result = job_pb2.JobResult(
-            job_id=request.job_id,
+            job_id=job_id,
             status=job_pb2.JobStatus.Value(f"JOB_STATUS_{state}"),
+            error_code=code,
             error_message=reason,
+            worker_id=self.config.sender_id,
         )
-        packet = cap.envelope(
-            sender_id=self.config.sender_id, trace_id=request.job_id, job_result=result
-        )
+        packet = cap.envelope(sender_id=self.config.sender_id, trace_id=job_id, job_result=result)
         await self.nats.publish(self.subjects.dlq, cap.encode(packet))
 
     # -- results ----------------------------------------------------------------------
@@ -419,18 +523,23 @@ class Scheduler:
         now = now_ms()
         outcomes = await self.store.complete_many(completions, now)
         for c, outcome in zip(completions, outcomes, strict=True):
-            if outcome.kind == "done":
-                await self.events.publish(c.job_id, outcome.state, c.error_message)
-                if outcome.state != "SUCCEEDED":
-                    await self._publish_dlq(
-                        job_pb2.JobRequest(job_id=c.job_id), outcome.state, c.error_message
-                    )
-            elif outcome.kind == "retry":
-                await self.events.publish(
-                    c.job_id, "PENDING", f"attempt {outcome.attempts} failed; retry scheduled"
-                )
-            elif outcome.kind == "ignored":
-                logger.info("ignored late result for %s (job is %s)", c.job_id, outcome.state)
+            try:
+                await self._announce_result(c, outcome)
+            except Exception:
+                logger.exception("announcing the result of %s failed", c.job_id)
+
+    async def _announce_result(self, c: Completion, outcome: CompleteOutcome) -> None:
+        if outcome.kind == "done":
+            await self.events.publish(c.job_id, outcome.state, c.error_message)
+            if outcome.state != "SUCCEEDED":
+                code = c.error_code or outcome.state.lower()
+                await self.publish_dlq(c.job_id, outcome.state, code, c.error_message)
+        elif outcome.kind == "retry":
+            await self.events.publish(
+                c.job_id, "PENDING", f"attempt {outcome.attempts} failed; retry scheduled"
+            )
+        elif outcome.kind == "ignored":
+            logger.info("ignored late result for %s (job is %s)", c.job_id, outcome.state)
 
     async def _on_progress(self, msg: Msg) -> None:
         packet = self._decode(msg)

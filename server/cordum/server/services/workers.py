@@ -68,14 +68,17 @@ class WorkerRegistry:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._nats = nats
-        self._ttl_s = ttl_s
+        # Public so an operator (or a test) can tune how fast a silent worker counts as lost.
+        self.ttl_s = ttl_s
         self._forget_s = forget_s
         self._on_drop = on_drop or (lambda subject, reason: None)
         self._clock = clock
         self._workers: dict[str, WorkerState] = {}
         self._subs: list[Subscription] = []
+        self._started_at = clock()
 
     async def start(self) -> None:
+        self._started_at = self._clock()
         self._subs = [
             await self._nats.subscribe(cap.SUBJECT_HEARTBEAT, cb=self._on_message),
             await self._nats.subscribe(cap.SUBJECT_HANDSHAKE, cb=self._on_message),
@@ -116,7 +119,19 @@ class WorkerRegistry:
         return state
 
     def is_live(self, state: WorkerState) -> bool:
-        return self._clock() - state.last_seen <= self._ttl_s
+        return self._clock() - state.last_seen <= self.ttl_s
+
+    def is_lost(self, worker_id: str) -> bool:
+        """Whether a worker we dispatched to has stopped heartbeating.
+
+        A worker this registry never heard of (this process just started, or it was
+        forgotten) counts as lost only after a whole TTL without a word from it, so a
+        restarted scheduler does not re-queue the jobs of workers that are fine.
+        """
+        state = self._workers.get(worker_id)
+        if state is not None:
+            return not self.is_live(state)
+        return self._clock() - self._started_at > self.ttl_s
 
     def workers(self, *, include_lost: bool = False) -> list[WorkerState]:
         now = self._clock()

@@ -97,6 +97,12 @@ class Admission:
     reason: str = ""
     # DLQ reason code when decision == "fail".
     fail_code: str = ""
+    # For decision == "require": what the job becomes when its stored approval matches
+    # (allow | throttle | fail; "" = nothing to apply), with that outcome's reason.
+    approved: str = ""
+    approved_reason: str = ""
+    # The scheduler instance that will publish the dispatch (see Scheduler.lease_key).
+    dispatcher: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,13 @@ class JobStore:
         self._complete = scripts.load(redis, "job_complete.lua", common)
         self._transition = scripts.load(redis, "job_transition.lua", common)
         self._claim_due = scripts.load(redis, "jobs_claim_due.lua", common)
+        self._scripts = [
+            self._submit,
+            self._admit,
+            self._complete,
+            self._transition,
+            self._claim_due,
+        ]
 
     # -- keys -------------------------------------------------------------------------
 
@@ -253,7 +266,7 @@ class JobStore:
                 ],
                 client=pipe,
             )
-        replies = await pipe.execute()
+        replies = await scripts.execute(pipe, self._scripts)
         return [
             SubmitOutcome(_s(r[0]), _s(r[1]) if len(r) > 1 else new.job.id)
             for r, new in zip(replies, jobs, strict=True)
@@ -279,11 +292,14 @@ class JobStore:
                     self.limits.dlq_max,
                     self.limits.decision_limit,
                     a.fail_code,
+                    a.approved,
+                    a.approved_reason,
+                    a.dispatcher,
                 ],
                 client=pipe,
             )
         outcomes = []
-        for reply in await pipe.execute():
+        for reply in await scripts.execute(pipe, self._scripts):
             kind = _s(reply[0])
             if kind == "dispatched":
                 outcomes.append(
@@ -317,7 +333,7 @@ class JobStore:
                 client=pipe,
             )
         outcomes = []
-        for reply in await pipe.execute():
+        for reply in await scripts.execute(pipe, self._scripts):
             kind = _s(reply[0])
             if kind == "retry":
                 outcomes.append(CompleteOutcome(kind, "PENDING", int(reply[1])))
@@ -379,11 +395,17 @@ class JobStore:
 
     async def get_with_result(self, job_id: str) -> tuple[JobRecord | None, bytes | None]:
         """The record and the worker's output, in one round trip."""
+        return (await self.get_with_result_many([job_id]))[0]
+
+    async def get_with_result_many(
+        self, job_ids: Sequence[str]
+    ) -> list[tuple[JobRecord | None, bytes | None]]:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.job_key(job_id))
-        pipe.get(f"res:{job_id}")
-        raw, result = await pipe.execute()
-        return record_from_hash(raw), result
+        for job_id in job_ids:
+            pipe.hgetall(self.job_key(job_id))
+            pipe.get(f"res:{job_id}")
+        replies = await pipe.execute()
+        return [(record_from_hash(replies[i]), replies[i + 1]) for i in range(0, len(replies), 2)]
 
     async def decisions(self, job_id: str, offset: int, count: int) -> list[bytes]:
         key = f"{self.prefix}job:{job_id}:decisions"
@@ -401,9 +423,9 @@ class JobStore:
         members = await self.redis.smembers(f"{self.prefix}trace:{trace_id}")
         return sorted(_s(m) for m in members)
 
-    async def stale(self, state: str, older_than_ms: int, limit: int) -> list[str]:
+    async def stale(self, state: str, older_than_ms: int, limit: int, offset: int = 0) -> list[str]:
         key = f"{self.prefix}jobs:active:{state}"
-        ids = await self.redis.zrangebyscore(key, "-inf", older_than_ms, start=0, num=limit)
+        ids = await self.redis.zrangebyscore(key, "-inf", older_than_ms, start=offset, num=limit)
         return [_s(i) for i in ids]
 
     async def past_deadline(self, now_ms: int, limit: int) -> list[str]:
@@ -424,17 +446,21 @@ class JobStore:
         page_token: str = "",
         scan_limit: int = 5000,
     ) -> JobPage:
-        """Newest-updated first; ties ordered by id (descending), so pages are stable."""
+        """Newest first (by creation: it never changes, so a job that moves on between two
+        pages is neither skipped nor repeated); ties ordered by id, descending. The
+        `updated_*` bounds filter on the last change."""
         query = f"{tenant}|{state}|{topic}|{trace_id}|{updated_after_ms}|{updated_before_ms}"
         cursor = _decode_token(page_token, query)
         if trace_id:
             return await self._list_trace(tenant, trace_id, state, topic, page_size, cursor, query)
         key = f"{self.prefix}jobs:t:{tenant}" + (f":s:{state}" if state else "")
-        high: float | str = updated_before_ms if updated_before_ms else "+inf"
-        if cursor is not None:
-            high = cursor[0] if high == "+inf" else min(float(high), cursor[0])
-        low: float | str = updated_after_ms if updated_after_ms else "-inf"
+        # created <= updated, so "updated before T" also bounds the creation-time scan.
+        bounds = [b for b in (cursor[0] if cursor else None, updated_before_ms or None) if b]
+        high: float | str = min(bounds) if bounds else "+inf"
+        low: float | str = "-inf"
         found: list[JobRecord] = []
+        # The index score (creation time) each found job was listed under.
+        scores: dict[str, float] = {}
         scanned, offset, batch = 0, 0, max(page_size * 2, 50)
         while len(found) < page_size and scanned < scan_limit:
             rows = await self.redis.zrevrangebyscore(
@@ -444,16 +470,25 @@ class JobStore:
                 break
             offset += len(rows)
             scanned += len(rows)
-            ids = [
-                _s(member)
+            listed = [
+                (_s(member), score)
                 for member, score in rows
                 if cursor is None or (score, _s(member)) < cursor
             ]
+            scores.update(listed)
+            ids = [job_id for job_id, _ in listed]
             records = await self.get_many(ids)
             for record in records:
                 if record is None:
                     continue  # expired; the reconciler trims the index
                 if topic and record.job.topic != topic:
+                    continue
+                if state and record.state != state:
+                    continue  # moved on since the index was read
+                updated = int(record.fields.get("updated_ms", b"0") or 0)
+                if updated_after_ms and updated < updated_after_ms:
+                    continue
+                if updated_before_ms and updated > updated_before_ms:
                     continue
                 found.append(record)
                 if len(found) == page_size:
@@ -462,9 +497,8 @@ class JobStore:
                 break
         next_token = ""
         if len(found) == page_size:
-            last = found[-1]
-            score = int(last.fields.get("updated_ms", b"0"))
-            next_token = _encode_token((score, last.job.id), query)
+            last = found[-1].job.id
+            next_token = _encode_token((scores[last], last), query)
         return JobPage(found, next_token)
 
     async def _list_trace(

@@ -4,7 +4,10 @@
 --       decision ('allow'|'deny'|'require'|'throttle'|'fail'),
 --       decision_bytes, job_hash, snapshot, worker_id, subject, max_retries_cap (-1 = none),
 --       deadline_ms (0 = none), max_concurrent (0 = none), retry_after_ms, reason,
---       dlq_max, decisions_limit, fail_code
+--       dlq_max, decisions_limit, fail_code,
+--       approved_decision ('allow'|'throttle'|'fail'|'' : what a 'require' becomes when the
+--       job's stored approval matches), approved_reason, dispatcher (the scheduler instance
+--       that publishes the dispatch; the reconciler re-queues its jobs if it dies first)
 -- Returns {'dispatched', attempts, deadline_ms, max_retries} | {'approval'} | {'denied'} |
 --         {'throttled', reason} | {'failed', reason} | {'duplicate', state} | {'missing'}
 local id, now, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -17,7 +20,11 @@ if not state then return {'missing'} end
 if state ~= 'PENDING' then return {'duplicate', state} end
 
 -- An approval is bound to the job's hash and the policy snapshot it was granted under.
-if decision == 'require' and f[3] == ARGV[8] and f[4] == ARGV[9] then decision = 'allow' end
+-- The caller sends what the job becomes once approved (placement included), since a
+-- 'require' decision alone carries no worker or subject to dispatch to.
+if decision == 'require' and ARGV[20] ~= '' and f[3] == ARGV[8] and f[4] == ARGV[9] then
+  decision, reason = ARGV[20], ARGV[21]
+end
 
 if ARGV[7] ~= '' then
   redis.call('HSET', k, 'safety', ARGV[7])
@@ -79,7 +86,7 @@ if bound > 0 and (deadline == 0 or bound < deadline) then
 end
 attempts = attempts + 1
 redis.call('HSET', k, 'attempts', attempts, 'worker_id', ARGV[10], 'subject', ARGV[11],
-  'dispatched_ms', now, 'pending_reason', '')
+  'dispatched_ms', now, 'pending_reason', '', 'dispatcher', ARGV[22])
 redis.call('SADD', inflight, id)
 redis.call('EXPIRE', inflight, ttl)
 set_state(id, tenant, state, 'DISPATCHED', now, 'dispatched to ' .. ARGV[11], limit, ttl)

@@ -15,8 +15,12 @@ if ARGV[13] ~= '' and redis.call('EXISTS', ARGV[13]) == 1 then
   -- Workers write res:<id> without a TTL; we own its hygiene.
   redis.call('EXPIRE', ARGV[13], tonumber(ARGV[14]))
 end
+-- A PENDING job takes only a success, and only from an earlier attempt (a job re-queued
+-- after its worker went silent may still finish there). A job never dispatched cannot
+-- have a result: accepting one would end it without a safety decision.
+local attempts, max_retries = tonumber(f[3]) or 0, tonumber(f[4]) or 0
 if TERMINAL[state] or state == 'APPROVAL_REQUIRED'
-   or (state == 'PENDING' and status ~= 'SUCCEEDED') then
+   or (state == 'PENDING' and (status ~= 'SUCCEEDED' or attempts == 0)) then
   log_event(id, now, state, 'ignored late result ' .. status .. ' from ' .. ARGV[8], limit, ttl)
   return {'ignored', state}
 end
@@ -27,7 +31,6 @@ if status == 'SUCCEEDED' then
   set_state(id, tenant, state, 'SUCCEEDED', now, 'succeeded on ' .. ARGV[8], limit, ttl)
   return {'done', 'SUCCEEDED'}
 end
-local attempts, max_retries = tonumber(f[3]) or 0, tonumber(f[4]) or 0
 local base = tonumber(ARGV[15])
 if (status == 'FAILED' or status == 'TIMEOUT') and base >= 0 and attempts <= max_retries then
   local backoff = math.min(tonumber(ARGV[17]), base * 2 ^ math.max(attempts - 1, 0))

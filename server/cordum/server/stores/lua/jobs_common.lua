@@ -9,25 +9,32 @@ local function jkey(id) return P .. 'job:' .. id end
 local function ekey(id) return P .. 'job:' .. id .. ':events' end
 local function dkey(id) return P .. 'job:' .. id .. ':decisions' end
 
--- Append to a job's bounded event log.
+-- Append to a job's bounded event log (TTL set once, trimmed only when over its bound).
 local function log_event(id, now, state, msg, limit, ttl)
   local k = ekey(id)
-  redis.call('RPUSH', k, now .. '|' .. state .. '|' .. msg)
-  redis.call('LTRIM', k, -limit, -1)
-  redis.call('EXPIRE', k, ttl)
+  local n = redis.call('RPUSH', k, now .. '|' .. state .. '|' .. msg)
+  if n == 1 then
+    redis.call('EXPIRE', k, ttl)
+  elseif n > limit then
+    redis.call('LTRIM', k, -limit, -1)
+  end
 end
 
 -- Move a job between states: hash, per-tenant indexes, active sets, event log.
+-- Listing indexes are scored by creation time, which never changes, so pages stay stable
+-- while jobs move; the active sets are scored by the time of the last change (staleness).
 local function set_state(id, tenant, from, to, now, msg, limit, ttl)
   local k = jkey(id)
   redis.call('HSET', k, 'state', to, 'updated_ms', now)
   local base = P .. 'jobs:t:' .. tenant
+  local created = tonumber(redis.call('HGET', k, 'created_ms')) or now
   if from and from ~= '' then
     redis.call('ZREM', base .. ':s:' .. from, id)
     redis.call('ZREM', P .. 'jobs:active:' .. from, id)
+  else
+    redis.call('ZADD', base, created, id)
   end
-  redis.call('ZADD', base, now, id)
-  redis.call('ZADD', base .. ':s:' .. to, now, id)
+  redis.call('ZADD', base .. ':s:' .. to, created, id)
   if TERMINAL[to] then
     redis.call('HSET', k, 'last_state', from or '')
     redis.call('ZREM', P .. 'jobs:due', id)

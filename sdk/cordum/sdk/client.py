@@ -1,0 +1,115 @@
+"""Clients for the Cordum gRPC API: :class:`AsyncClient` (asyncio) and :class:`Client`
+(blocking), with the same namespaces and methods::
+
+    async with AsyncClient("127.0.0.1:8080", api_key=key) as client:
+        outcome = await client.jobs.run(topic="job.echo", input={"n": 1})
+        async for job in client.jobs.list(state="RUNNING"):
+            ...
+
+Calls raise the typed errors of :mod:`cordum.sdk.errors`.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+import grpc
+
+from cordum.sdk._transport import DEFAULT_TARGET, AioTransport, Metadata, SyncTransport
+from cordum.sdk.approvals import ApprovalsClient, AsyncApprovalsClient
+from cordum.sdk.jobs import AsyncJobsClient, JobsClient
+from cordum.sdk.status import AsyncStatusClient, StatusClient
+
+__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client"]
+
+
+class AsyncClient:
+    """An asyncio client. ``timeout`` is the deadline in seconds of each unary call
+    (``None``: none); ``api_key`` is sent as ``x-api-key``, ``metadata`` with every call.
+    Pass ``credentials`` for TLS, or ``channel`` to use a channel you own and close."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._transport = AioTransport(
+            target,
+            timeout=timeout,
+            api_key=api_key,
+            metadata=metadata,
+            credentials=credentials,
+            channel=channel,
+        )
+        self.jobs = AsyncJobsClient(self._transport)
+        self.approvals = AsyncApprovalsClient(self._transport)
+        self.status = AsyncStatusClient(self._transport)
+
+    @property
+    def target(self) -> str:
+        return self._transport.target
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class Client:
+    """A blocking client with the surface of :class:`AsyncClient`. Do not call it from a
+    coroutine: each call blocks the event loop (use :class:`AsyncClient` there)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = 30.0,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._transport = SyncTransport(
+            target,
+            timeout=timeout,
+            api_key=api_key,
+            metadata=metadata,
+            credentials=credentials,
+            channel=channel,
+        )
+        self.jobs = JobsClient(self._transport)
+        self.approvals = ApprovalsClient(self._transport)
+        self.status = StatusClient(self._transport)
+
+    @property
+    def target(self) -> str:
+        return self._transport.target
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""The workflow engine: definitions, runs, the DAG engine, its reconciler and services."""
