@@ -1,7 +1,8 @@
 """The load the bench puts on Cordum through its gRPC API (asyncio, grpc.aio).
 
 Completions of batch-submitted jobs are counted from the scheduler's job events
-(`<namespace>cordum.job.events`, one `cordum.v1.JobEvent` per state change).
+(`<namespace>cordum.job.events.<kind>.<STATE>`, one `cordum.v1.JobEvent` per state change;
+the phase listens to the terminal ones of plain jobs only).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class CordumLoad:
         self.channels: list[grpc.aio.Channel] = []
         self.stubs: list[job_service_pb2_grpc.JobServiceStub] = []
         self.nats_url = nats_url
-        self.events_subject = namespace + "cordum.job.events"
+        self.events_subject = namespace + "cordum.job.events.job.*"
         self.stub: job_service_pb2_grpc.JobServiceStub | None = None
         self.nc: NATS | None = None
         self._seq = 0

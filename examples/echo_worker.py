@@ -4,8 +4,11 @@
 
 Environment: ``WORKER_ID`` (default ``echo-worker``), ``NATS_URL``, ``REDIS_URL``,
 ``WORKER_TOPICS`` (default ``job.echo,job.default``: topics served by the echo handler),
+``WORKER_PARALLEL`` (default 4: jobs run at once, so a workflow's for_each fans out),
 ``LOG_LEVEL`` (default ``INFO``). ``job.sleep`` and ``job.fail`` are always served.
 Stop with Ctrl-C or SIGTERM: running jobs get 10 s to finish.
+
+The example workflows in ``examples/workflows/`` run against this worker.
 """
 
 import asyncio
@@ -16,8 +19,21 @@ from typing import Any
 from cordum.sdk.worker import JobContext, JobFailed, Worker
 
 
-def build_worker() -> Worker:
-    worker = Worker(worker_id=os.environ.get("WORKER_ID", "echo-worker"))
+def build_worker(
+    *,
+    worker_id: str | None = None,
+    nats_url: str | None = None,
+    redis_url: str | None = None,
+    heartbeat_interval: float = 5.0,
+) -> Worker:
+    """The example worker; arguments left out come from the environment (see above)."""
+    worker = Worker(
+        worker_id=worker_id or os.environ.get("WORKER_ID", "echo-worker"),
+        nats_url=nats_url,
+        redis_url=redis_url,
+        max_parallel=int(os.environ.get("WORKER_PARALLEL", "4")),
+        heartbeat_interval=heartbeat_interval,
+    )
     topics = os.environ.get("WORKER_TOPICS", "job.echo,job.default")
 
     async def echo(ctx: JobContext, data: Any) -> Any:

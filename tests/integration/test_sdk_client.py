@@ -104,6 +104,7 @@ async def state_of(client: AsyncClient, job_id: str, *names: str) -> job_pb2.Job
 def test_public_names_are_pinned() -> None:
     assert set(cordum.sdk.__all__) == {
         "DEFAULT_TARGET",
+        "Aborted",
         "AlreadyExists",
         "AsyncClient",
         "Client",
@@ -115,15 +116,33 @@ def test_public_names_are_pinned() -> None:
         "JobOutcome",
         "NotFound",
         "PermissionDenied",
+        "PolicyCheckFields",
         "ResourceExhausted",
         "SubmitJobFields",
         "Unauthenticated",
         "Unavailable",
         "Unimplemented",
         "WaitTimeout",
+        "load_workflow",
     }
     for name in cordum.sdk.__all__:
         assert hasattr(cordum.sdk, name)
+
+
+def test_both_clients_have_the_same_namespaces_and_methods() -> None:
+    namespaces = ("jobs", "approvals", "status", "workflows", "runs", "config", "policy", "schemas")
+    async_client = AsyncClient("127.0.0.1:1")
+    sync_client = Client("127.0.0.1:1")
+    try:
+        for name in namespaces:
+            pairs = [(getattr(async_client, name), getattr(sync_client, name))]
+            if name == "policy":
+                pairs.append((async_client.policy.bundles, sync_client.policy.bundles))
+            for aio, blocking in pairs:
+                public = {m for m in dir(aio) if not m.startswith("_")}
+                assert public == {m for m in dir(blocking) if not m.startswith("_")}, name
+    finally:
+        sync_client.close()
 
 
 def test_submit_keywords_cover_every_submit_request_field() -> None:

@@ -108,9 +108,18 @@ async def running_app(settings: Settings) -> AsyncIterator[App]:
         yield app
 
 
-def start_envoy_for(app: App, workdir: Path) -> tuple[RunningService, str]:
-    """Envoy in front of `app` (REST + native gRPC on one port); returns it and its base URL."""
+def start_envoy_for(
+    app: App,
+    workdir: Path,
+    *,
+    allowed_origins: tuple[str, ...] | None = None,
+    max_request_bytes: int | None = None,
+) -> tuple[RunningService, str]:
+    """Envoy in front of `app` (REST + native gRPC on one port); returns it and its base URL.
+    CORS origins and the body limit default to the app's settings."""
     listen, admin = pick_free_port(), pick_free_port()
+    if allowed_origins is None:
+        allowed_origins = tuple(app.settings.allowed_origins)
     descriptor = packaged_descriptor()
     config = EnvoyConfig(
         ports=EnvoyPorts(
@@ -121,6 +130,8 @@ def start_envoy_for(app: App, workdir: Path) -> tuple[RunningService, str]:
         ),
         descriptor=descriptor,
         services=tuple(api_services(descriptor)),
+        allowed_origins=allowed_origins,
+        max_request_bytes=max_request_bytes or app.settings.max_request_bytes,
     )
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "envoy.yaml"

@@ -66,6 +66,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_REVISION_MISMATCH: _ErrorReason.ValueType  # 50
     ERROR_REASON_DEPENDENCY_NOT_SUCCEEDED: _ErrorReason.ValueType  # 51
     ERROR_REASON_WORKFLOW_MISMATCH: _ErrorReason.ValueType  # 52
+    ERROR_REASON_POLICY_VERSION_CURRENT: _ErrorReason.ValueType  # 53
+    """Rolling back to the version that is already enforced."""
     ERROR_REASON_IDEMPOTENCY_KEY_REUSED: _ErrorReason.ValueType  # 60
     """ALREADY_EXISTS / conflicts."""
     ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 61
@@ -130,6 +132,8 @@ ERROR_REASON_LOCK_NOT_HELD: ErrorReason.ValueType  # 49
 ERROR_REASON_REVISION_MISMATCH: ErrorReason.ValueType  # 50
 ERROR_REASON_DEPENDENCY_NOT_SUCCEEDED: ErrorReason.ValueType  # 51
 ERROR_REASON_WORKFLOW_MISMATCH: ErrorReason.ValueType  # 52
+ERROR_REASON_POLICY_VERSION_CURRENT: ErrorReason.ValueType  # 53
+"""Rolling back to the version that is already enforced."""
 ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 60
 """ALREADY_EXISTS / conflicts."""
 ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 61

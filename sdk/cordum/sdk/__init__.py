@@ -1,12 +1,13 @@
 """Cordum Python SDK: CAP packet helpers (:mod:`cordum.sdk.cap`) and the worker runtime
 (:mod:`cordum.sdk.worker`).
 
-The API clients (:class:`AsyncClient`, :class:`Client`) and their typed errors are
-re-exported here; :mod:`cordum.sdk.convert` turns the API's JSON values and job states into
-plain Python."""
+The API clients (:class:`AsyncClient`, :class:`Client`), their typed errors and the workflow
+file loader are re-exported here; :mod:`cordum.sdk.convert` turns the API's JSON values, job
+states and run statuses into plain Python."""
 
 from cordum.sdk.client import DEFAULT_TARGET, AsyncClient, Client
 from cordum.sdk.errors import (
+    Aborted,
     AlreadyExists,
     CordumError,
     DeadlineExceeded,
@@ -22,9 +23,12 @@ from cordum.sdk.errors import (
     WaitTimeout,
 )
 from cordum.sdk.jobs import JobOutcome, SubmitJobFields
+from cordum.sdk.policy import PolicyCheckFields
+from cordum.sdk.workflows import load_workflow
 
 __all__ = [
     "DEFAULT_TARGET",
+    "Aborted",
     "AlreadyExists",
     "AsyncClient",
     "Client",
@@ -36,10 +40,12 @@ __all__ = [
     "JobOutcome",
     "NotFound",
     "PermissionDenied",
+    "PolicyCheckFields",
     "ResourceExhausted",
     "SubmitJobFields",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "WaitTimeout",
+    "load_workflow",
 ]

@@ -38,11 +38,13 @@ def call_metadata(api_key: str | None, metadata: Metadata | None) -> tuple[tuple
     return tuple((k.lower(), v) for k, v in pairs)
 
 
-def _translate(error: grpc.RpcError, *, wait_for: str | None, timeout: float | None) -> CordumError:
+def _translate(
+    error: grpc.RpcError, *, wait_for: str | None, wait_kind: str, timeout: float | None
+) -> CordumError:
     typed = from_grpc_error(error)
-    # Our own stream deadline ran out (no Cordum reason): the job simply is not done yet.
+    # Our own stream deadline ran out (no Cordum reason): the job or run is not done yet.
     if wait_for is not None and isinstance(typed, DeadlineExceeded) and not typed.reason:
-        return WaitTimeout(wait_for, timeout)
+        return WaitTimeout(wait_for, timeout, kind=wait_kind)
     return typed
 
 
@@ -118,13 +120,16 @@ class AioTransport(_Base):
         *,
         timeout: float | None = None,  # noqa: ASYNC109
         wait_for: str | None = None,
+        wait_kind: str = "job",
     ) -> AsyncGenerator[Resp, None]:
         call = method(request, timeout=timeout, metadata=self.metadata)
         try:
             async for item in call:
                 yield item
         except grpc.RpcError as error:
-            raise _translate(error, wait_for=wait_for, timeout=timeout) from error
+            raise _translate(
+                error, wait_for=wait_for, wait_kind=wait_kind, timeout=timeout
+            ) from error
         finally:
             # The caller stopped early (break, error): end the stream on the server too.
             # A no-op once the stream has ended.
@@ -182,12 +187,15 @@ class SyncTransport(_Base):
         *,
         timeout: float | None = None,
         wait_for: str | None = None,
+        wait_kind: str = "job",
     ) -> Generator[Resp, None, None]:
         call = method(request, timeout=timeout, metadata=self.metadata)
         try:
             yield from call
         except grpc.RpcError as error:
-            raise _translate(error, wait_for=wait_for, timeout=timeout) from error
+            raise _translate(
+                error, wait_for=wait_for, wait_kind=wait_kind, timeout=timeout
+            ) from error
         finally:
             call.cancel()
 

@@ -5,6 +5,12 @@
         outcome = await client.jobs.run(topic="job.echo", input={"n": 1})
         async for job in client.jobs.list(state="RUNNING"):
             ...
+        await client.workflows.upsert(load_workflow("examples/workflows/hello.json"))
+        started = await client.runs.start("hello", input={"name": "Ada"})
+        run = await client.runs.wait(started.run_id)
+
+Namespaces: ``jobs``, ``approvals``, ``status``, ``workflows``, ``runs``, ``config``,
+``policy`` (with ``policy.bundles``) and ``schemas``.
 
 Calls raise the typed errors of :mod:`cordum.sdk.errors`.
 """
@@ -18,8 +24,13 @@ import grpc
 
 from cordum.sdk._transport import DEFAULT_TARGET, AioTransport, Metadata, SyncTransport
 from cordum.sdk.approvals import ApprovalsClient, AsyncApprovalsClient
+from cordum.sdk.config import AsyncConfigClient, ConfigClient
 from cordum.sdk.jobs import AsyncJobsClient, JobsClient
+from cordum.sdk.policy import AsyncPolicyClient, PolicyClient
+from cordum.sdk.runs import AsyncRunsClient, RunsClient
+from cordum.sdk.schemas import AsyncSchemasClient, SchemasClient
 from cordum.sdk.status import AsyncStatusClient, StatusClient
+from cordum.sdk.workflows import AsyncWorkflowsClient, WorkflowsClient
 
 __all__ = ["DEFAULT_TARGET", "AsyncClient", "Client"]
 
@@ -50,6 +61,11 @@ class AsyncClient:
         self.jobs = AsyncJobsClient(self._transport)
         self.approvals = AsyncApprovalsClient(self._transport)
         self.status = AsyncStatusClient(self._transport)
+        self.workflows = AsyncWorkflowsClient(self._transport)
+        self.runs = AsyncRunsClient(self._transport)
+        self.config = AsyncConfigClient(self._transport)
+        self.policy = AsyncPolicyClient(self._transport)
+        self.schemas = AsyncSchemasClient(self._transport)
 
     @property
     def target(self) -> str:
@@ -95,6 +111,11 @@ class Client:
         self.jobs = JobsClient(self._transport)
         self.approvals = ApprovalsClient(self._transport)
         self.status = StatusClient(self._transport)
+        self.workflows = WorkflowsClient(self._transport)
+        self.runs = RunsClient(self._transport)
+        self.config = ConfigClient(self._transport)
+        self.policy = PolicyClient(self._transport)
+        self.schemas = SchemasClient(self._transport)
 
     @property
     def target(self) -> str:

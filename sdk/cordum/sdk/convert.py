@@ -1,5 +1,5 @@
-"""Python values to and from the API's messages: JSON documents (``google.protobuf.Value``),
-timestamps, job states."""
+"""Python values to and from the API's messages: JSON documents (``google.protobuf.Value``
+and ``Struct``), timestamps, job states, run and step statuses."""
 
 from __future__ import annotations
 
@@ -10,14 +10,22 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from cordum.v1 import job_pb2, job_service_pb2
+from cordum.v1 import job_pb2, job_service_pb2, run_pb2
 
 __all__ = [
+    "TERMINAL_RUN_STATUSES",
     "TERMINAL_STATES",
+    "TERMINAL_STEP_STATUSES",
+    "from_struct",
     "from_value",
+    "is_run_terminal",
     "is_terminal",
+    "optional_struct",
     "optional_value",
+    "run_status_name",
     "state_name",
+    "step_status_name",
+    "to_struct",
     "to_timestamp",
     "to_value",
 ]
@@ -36,13 +44,47 @@ TERMINAL_STATES: frozenset[int] = frozenset(
 )
 
 
+TERMINAL_RUN_STATUSES: frozenset[int] = frozenset(
+    {
+        run_pb2.RUN_STATUS_SUCCEEDED,
+        run_pb2.RUN_STATUS_FAILED,
+        run_pb2.RUN_STATUS_CANCELLED,
+        run_pb2.RUN_STATUS_TIMED_OUT,
+    }
+)
+
+TERMINAL_STEP_STATUSES: frozenset[int] = frozenset(
+    {
+        run_pb2.STEP_STATUS_SUCCEEDED,
+        run_pb2.STEP_STATUS_FAILED,
+        run_pb2.STEP_STATUS_CANCELLED,
+        run_pb2.STEP_STATUS_TIMED_OUT,
+        run_pb2.STEP_STATUS_SKIPPED,
+    }
+)
+
+
 def is_terminal(state: int) -> bool:
     return state in TERMINAL_STATES
+
+
+def is_run_terminal(status: int) -> bool:
+    return status in TERMINAL_RUN_STATUSES
 
 
 def state_name(state: int) -> str:
     """``JOB_STATE_RUNNING`` → ``RUNNING``."""
     return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def run_status_name(status: int) -> str:
+    """``RUN_STATUS_WAITING`` → ``WAITING``."""
+    return run_pb2.RunStatus.Name(status).removeprefix("RUN_STATUS_")  # type: ignore[arg-type]
+
+
+def step_status_name(status: int) -> str:
+    """``STEP_STATUS_SKIPPED`` → ``SKIPPED``."""
+    return run_pb2.StepStatus.Name(status).removeprefix("STEP_STATUS_")  # type: ignore[arg-type]
 
 
 def to_value(data: Any) -> struct_pb2.Value:
@@ -74,6 +116,25 @@ def from_value(value: struct_pb2.Value) -> Any:
 def optional_value(message: Message, field: str) -> Any:
     """The decoded ``Value`` field, or ``None`` when it is absent."""
     return from_value(getattr(message, field)) if message.HasField(field) else None
+
+
+def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A JSON object (a mapping with string keys) as a ``google.protobuf.Struct``."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected a JSON object (a mapping), got {type(data).__name__}")
+    struct = struct_pb2.Struct()
+    json_format.ParseDict(data, struct)
+    return struct
+
+
+def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A ``google.protobuf.Struct`` as a plain ``dict`` (whole numbers as ``int``)."""
+    return {k: from_value(v) for k, v in struct.fields.items()}
+
+
+def optional_struct(message: Message, field: str) -> dict[str, Any] | None:
+    """The decoded ``Struct`` field, or ``None`` when it is absent."""
+    return from_struct(getattr(message, field)) if message.HasField(field) else None
 
 
 def to_timestamp(when: datetime.datetime | timestamp_pb2.Timestamp) -> timestamp_pb2.Timestamp:

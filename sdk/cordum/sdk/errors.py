@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 __all__ = [
     "ERROR_DOMAIN",
+    "Aborted",
     "AlreadyExists",
     "CordumError",
     "DeadlineExceeded",
@@ -94,6 +95,13 @@ class FailedPrecondition(CordumError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(CordumError):
+    """A concurrent change won: a compare-and-set (``expected_revision``) failed, or the
+    resource was busy. Re-read and retry."""
+
+    grpc_code = grpc.StatusCode.ABORTED
+
+
 class Unavailable(CordumError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
@@ -121,17 +129,21 @@ class DeadlineExceeded(CordumError):
 
 
 class WaitTimeout(DeadlineExceeded):
-    """A job did not reach a terminal state within the caller's wait; the job goes on."""
+    """A job (or a workflow run: ``kind="run"``) did not reach a terminal state within the
+    caller's wait; it goes on. ``resource_id`` is its id, also as ``job_id`` or ``run_id``."""
 
-    def __init__(self, job_id: str, timeout: float | None) -> None:
+    def __init__(self, resource_id: str, timeout: float | None, *, kind: str = "job") -> None:
         super().__init__(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "WAIT_TIMEOUT",
-            f"job {job_id} did not finish within {timeout:g}s"
+            f"{kind} {resource_id} did not finish within {timeout:g}s"
             if timeout is not None
-            else f"job {job_id} did not finish",
+            else f"{kind} {resource_id} did not finish",
         )
-        self.job_id = job_id
+        self.kind = kind
+        self.resource_id = resource_id
+        self.job_id = resource_id if kind == "job" else ""
+        self.run_id = resource_id if kind == "run" else ""
         self.timeout = timeout
 
 
@@ -150,6 +162,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CordumError]] = {
         NotFound,
         AlreadyExists,
         FailedPrecondition,
+        Aborted,
         Unavailable,
         PermissionDenied,
         Unauthenticated,

@@ -53,21 +53,22 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, Self
+from typing import Any, Final, Generic, NamedTuple, Self, TypeVar
 
-import redis.asyncio as aioredis
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from redis.exceptions import RedisError
 
 from cordum.agent.v1 import buspacket_pb2, handshake_pb2, heartbeat_pb2, job_pb2
 from cordum.sdk import cap
+from cordum.sdk._fastredis import FastRedis
 
 __all__ = ["Handler", "JobContext", "JobFailed", "Worker"]
 
 log = logging.getLogger(__name__)
 _job_log = logging.getLogger(__name__ + ".job")
+
+T = TypeVar("T")
 
 Handler = Callable[["JobContext", Any], Any]
 """``(ctx, data) -> JSON-able value``; ``async def`` or plain (run in a thread)."""
@@ -183,6 +184,53 @@ class _Job:
         if self.handler_task is not None:
             self.handler_task.cancel()
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A handler's output to store at ``key`` before ``result`` (its success) is sent."""
+
+    key: str
+    blob: bytes
+    result: job_pb2.JobResult
+
+
+@dataclass(slots=True)
+class _Finish:
+    job: _Job
+    result: job_pb2.JobResult
+    write: _Write | None
+    published: asyncio.Future[None]
+
+
+class _Batches(Generic[T]):
+    """Runs ``handle`` on batches: whatever was added while the previous batch ran forms the
+    next one, so N jobs finishing together cost one Redis round trip and one NATS flush."""
+
+    def __init__(
+        self,
+        handle: Callable[[list[T]], Awaitable[None]],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[Any]],
+    ) -> None:
+        self._handle = handle
+        self._spawn = spawn
+        self._items: list[T] = []
+        self._running = False
+
+    def add(self, item: T) -> None:
+        self._items.append(item)
+        if not self._running:
+            self._running = True
+            self._spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the deliveries already waiting join this batch
+            while self._items:
+                batch, self._items = self._items, []
+                await self._handle(batch)
+        finally:
+            self._running = False
 
 
 class _Slots:
@@ -340,11 +388,14 @@ class Worker:
         self._jobs: dict[str, _Job] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = _Slots(max_parallel)
+        spawn = functools.partial(self._spawn, name=f"cordum-io-{worker_id}")
+        self._reads: _Batches[tuple[str, asyncio.Future[bytes]]] = _Batches(self._read_batch, spawn)
+        self._finishes: _Batches[_Finish] = _Batches(self._finish_batch, spawn)
         self._load = _LoadSampler()
         self._state = "new"  # new -> starting -> running -> stopping -> stopped
         self._stopped = asyncio.Event()
         self._nc: NatsClient | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: FastRedis | None = None
         self._job_subs: list[Subscription] = []
         self._cancel_sub: Subscription | None = None
 
@@ -663,16 +714,19 @@ class Worker:
 
     async def _run_job(self, job: _Job) -> None:
         try:
+            write: _Write | None = None
             try:
                 result = await self._execute(job)
+                if isinstance(result, _Write):
+                    result, write = result.result, result
             except Exception:  # a runtime bug; handler errors never get here
                 log.exception("worker %s: job %s crashed the runtime", self._worker_id, job.job_id)
                 result = self._result(job, job_pb2.JOB_STATUS_FAILED, error_message="worker error")
-            await self._finish(job, result)
+            await self._finish(job, result, write)
         finally:
             await self._slots.release()
 
-    async def _execute(self, job: _Job) -> job_pb2.JobResult:
+    async def _execute(self, job: _Job) -> job_pb2.JobResult | _Write:
         if job.interrupt is not None:  # cancelled between getting its slot and starting
             return self._interrupted_result(job, execution_ms=0)
         job.phase = "fetching"
@@ -692,7 +746,7 @@ class Worker:
         exc = task.exception()
         if exc is not None:
             return self._handler_failed(job, exc, execution_ms)
-        return await self._store_result(job, task.result(), execution_ms)
+        return self._output(job, task.result(), execution_ms)
 
     async def _run_handler(self, job: _Job, data: Any, started: float) -> asyncio.Task[Any]:
         """Run the handler as its own task, so cancels and the deadline can stop it."""
@@ -753,20 +807,15 @@ class Worker:
         )
 
     async def _load_context(self, ptr: str) -> Any:
-        """CAP §2.6: GET the ``redis://`` key on our own Redis; UTF-8 JSON, size-bounded."""
+        """CAP §2.6: GET the ``redis://`` key on our own Redis; UTF-8 JSON, size-bounded.
+        The GETs of jobs starting together share one pipeline (one round trip)."""
         try:
             key = cap.pointer_key(ptr)
         except ValueError as exc:
             raise _InputError(str(exc)) from exc
-        try:
-            async with asyncio.timeout(self._io_timeout):
-                raw = await self._redis_client().get(key)
-        except TimeoutError as exc:
-            raise _InputError("context fetch timed out") from exc
-        except (RedisError, OSError) as exc:
-            raise _InputError(str(exc)) from exc
-        if raw is None:
-            raise _InputError("context not found")
+        fetched: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._reads.add((key, fetched))
+        raw = await fetched
         if self._max_context_bytes is not None and len(raw) > self._max_context_bytes:
             raise _InputError("context exceeds max size")
         try:
@@ -774,34 +823,55 @@ class Worker:
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise _InputError(f"context decode failed: {exc}") from exc
 
-    async def _store_result(self, job: _Job, value: Any, execution_ms: int) -> job_pb2.JobResult:
-        def failed(reason: str) -> job_pb2.JobResult:
-            return self._result(
-                job,
-                job_pb2.JOB_STATUS_FAILED,
-                error_message=f"result write failed: {reason}",
-                execution_ms=execution_ms,
-            )
+    async def _read_batch(self, items: list[tuple[str, asyncio.Future[bytes]]]) -> None:
+        def fail(error: _InputError) -> None:
+            for _, fetched in items:
+                if not fetched.done():
+                    fetched.set_exception(error)
 
+        try:
+            async with asyncio.timeout(self._io_timeout):
+                values = await self._redis_client().execute([("GET", key) for key, _ in items])
+        except TimeoutError:
+            fail(_InputError("context fetch timed out"))
+            return
+        except (OSError, ValueError) as exc:
+            fail(_InputError(str(exc)))
+            return
+        for (_, fetched), value in zip(items, values, strict=True):
+            if fetched.done():
+                continue
+            if isinstance(value, Exception):
+                fetched.set_exception(_InputError(str(value)))
+            elif value is None:
+                fetched.set_exception(_InputError("context not found"))
+            else:
+                fetched.set_result(value)
+
+    def _output(self, job: _Job, value: Any, execution_ms: int) -> job_pb2.JobResult | _Write:
+        """The handler's value as the write of ``res:<job_id>`` and the success it leads to,
+        or the failure when it cannot be written."""
         try:
             # CAP's encoding (json.dumps defaults), except NaN/Infinity: they are not JSON.
             blob = json.dumps(value, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
-            return failed(str(exc))
+            return self._write_failed(job, str(exc), execution_ms)
         if self._max_result_bytes is not None and len(blob) > self._max_result_bytes:
-            return failed("result exceeds max size")
+            return self._write_failed(job, "result exceeds max size", execution_ms)
         key = cap.result_key(job.job_id)
-        try:
-            async with asyncio.timeout(self._io_timeout):
-                await self._redis_client().set(key, blob, ex=self._result_ttl_s)
-        except TimeoutError:
-            return failed("timed out")
-        except (RedisError, OSError) as exc:
-            return failed(str(exc))
-        return self._result(
+        success = self._result(
             job,
             job_pb2.JOB_STATUS_SUCCEEDED,
             result_ptr=cap.redis_pointer(key),
+            execution_ms=execution_ms,
+        )
+        return _Write(key, blob, success)
+
+    def _write_failed(self, job: _Job, reason: str, execution_ms: int) -> job_pb2.JobResult:
+        return self._result(
+            job,
+            job_pb2.JOB_STATUS_FAILED,
+            error_message=f"result write failed: {reason}",
             execution_ms=execution_ms,
         )
 
@@ -841,15 +911,66 @@ class Worker:
             job_id=job.job_id, status=status, worker_id=self._worker_id, **fields
         )
 
-    async def _finish(self, job: _Job, result: job_pb2.JobResult) -> None:
-        """Publish the result; the job stays 'in flight' (duplicates ignored) until then."""
+    async def _finish(
+        self, job: _Job, result: job_pb2.JobResult, write: _Write | None = None
+    ) -> None:
+        """Write the output (if any), then publish the result; the job stays 'in flight'
+        (duplicates ignored) until then. Jobs finishing together share one Redis pipeline
+        and one NATS flush."""
+        published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finishes.add(_Finish(job, result, write, published))
         try:
-            packet = cap.envelope(
-                sender_id=self._worker_id, trace_id=job.packet.trace_id, job_result=result
-            )
-            await self._publish(cap.SUBJECT_RESULT, packet)
+            await published
         finally:
             self._jobs.pop(job.job_id, None)
+
+    async def _finish_batch(self, items: list[_Finish]) -> None:
+        try:
+            writes = [item for item in items if item.write is not None]
+            if writes:
+                await self._write_outputs(writes)
+            nc = self._nc
+            if nc is None:
+                return
+            try:
+                async with asyncio.timeout(self._io_timeout):
+                    for item in items:
+                        packet = cap.envelope(
+                            sender_id=self._worker_id,
+                            trace_id=item.job.packet.trace_id,
+                            job_result=item.result,
+                        )
+                        await nc.publish(
+                            cap.SUBJECT_RESULT, cap.encode(packet, signer=self._signer)
+                        )
+            except Exception as exc:
+                log.error(
+                    "worker %s: publish on %s failed: %r", self._worker_id, cap.SUBJECT_RESULT, exc
+                )
+        finally:
+            for item in items:
+                if not item.published.done():
+                    item.published.set_result(None)
+
+    async def _write_outputs(self, items: list[_Finish]) -> None:
+        """SET every ``res:<job_id>``; an item whose write failed gets the failure result."""
+        ttl = () if self._result_ttl_s is None else ("EX", self._result_ttl_s)
+        commands = []
+        for item in items:
+            assert item.write is not None
+            commands.append(("SET", item.write.key, item.write.blob, *ttl))
+        replies: list[Any]
+        try:
+            async with asyncio.timeout(self._io_timeout):
+                replies = await self._redis_client().execute(commands)
+        except TimeoutError:
+            replies = [TimeoutError()] * len(items)
+        except (OSError, ValueError) as exc:
+            replies = [exc] * len(items)
+        for item, reply in zip(items, replies, strict=True):
+            if isinstance(reply, Exception):
+                reason = "timed out" if isinstance(reply, TimeoutError) else str(reply)
+                item.result = self._write_failed(item.job, reason, item.result.execution_ms)
 
     async def _report_progress(self, job: _Job, percent: int, message: str) -> None:
         progress = job_pb2.JobProgress(
@@ -899,10 +1020,11 @@ class Worker:
 
     # --- I/O helpers ---
 
-    def _redis_client(self) -> aioredis.Redis:
-        # Lazy like CAP: a worker starts without Redis; only its jobs fail.
+    def _redis_client(self) -> FastRedis:
+        # Lazy like CAP: a worker starts without Redis; only its jobs fail. A lean pipelined
+        # connection: the GETs and SETs of jobs running together share a round trip.
         if self._redis is None:
-            self._redis = aioredis.from_url(self._redis_url)
+            self._redis = FastRedis.from_url(self._redis_url)
         return self._redis
 
     async def _publish(self, subject: str, packet: buspacket_pb2.BusPacket) -> bool:

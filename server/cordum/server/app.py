@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from cordum.agent.v1 import safety_pb2_grpc
+from cordum.server.api.auth import Authenticator, edge_from_settings
 from cordum.server.api.interceptors import ErrorInterceptor
 from cordum.server.api.job_servicer import ApprovalServicer, JobServicer
 from cordum.server.api.metrics_interceptor import MetricsInterceptor
@@ -99,6 +100,10 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        # API keys, rate limit, request size; refuses an open API on a public address.
+        self.edge = edge_from_settings(s)
+        # Shared with the WebSocket bridge: one key table for every way in.
+        self.authenticator: Authenticator = self.edge.authenticator
         self.redis = await open_redis(s.redis_url)
         self._defer(self.redis.aclose)
         self.nats = await open_nats(s.nats_url, name=f"cordum-{s.instance_id}")
@@ -111,7 +116,12 @@ class App:
 
         # Metrics outermost, so it sees the status the error interceptor sets.
         server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics), ErrorInterceptor()]
+            interceptors=[
+                MetricsInterceptor(self.metrics),
+                ErrorInterceptor(),
+                *self.edge.interceptors(),
+            ],
+            options=self.edge.server_options(),
         )
         await self._build_roles(server)
         self._finish_registration(server)
@@ -163,6 +173,7 @@ class App:
                 dlq_max=s.dlq_max_entries,
             ),
         )
+        self._defer(self.store.aclose)
         safety = await self._safety(server)
         await self._install_policy_admin(server)
         if roles & {"gateway", "scheduler"}:
@@ -174,7 +185,19 @@ class App:
             )
             await self.registry.start()
             self._defer(self.registry.stop)
-        events = JobEventPublisher(self.nats, self.subjects.job_events)
+        # A gateway's hub gets this process's job events directly; they are published on a
+        # connection of their own opened with no_echo, so the bus never hands them back here.
+        self.job_events_hub: JobEventHub | None = None
+        events_nats = self.nats
+        if "gateway" in roles:
+            events_nats = await open_nats(
+                s.nats_url, name=f"cordum-{s.instance_id}-events", no_echo=True
+            )
+            self._defer(lambda: self._drain_connection(events_nats))
+            self.job_events_hub = JobEventHub(events_nats, self.subjects)
+            await self.job_events_hub.start()
+            self._defer(self.job_events_hub.stop)
+        events = JobEventPublisher(events_nats, self.subjects, self.job_events_hub)
         if "scheduler" in roles:
             assert self.registry is not None
             timeouts = load_timeouts(s.config_dir / "timeouts.yaml")
@@ -189,6 +212,8 @@ class App:
                 metrics=self.metrics,
                 events=events,
                 config=SchedulerConfig(sender_id=s.sender_id, instance_id=s.instance_id),
+                effective_config=self.config.effective_for_job if self.config else None,
+                out=events_nats,
             )
             await self.scheduler.start()
             self._defer(self.scheduler.stop)
@@ -200,13 +225,16 @@ class App:
             await reconciler.start()
             self._defer(reconciler.stop)
         if "gateway" in roles:
-            await self._gateway(server, safety)
+            await self._gateway(server, safety, events)
         await self._install_workflows(server)
+        await self._install_context(server)
 
     async def _safety(self, server: grpc.aio.Server) -> SafetyClient:
         s = self.settings
         if "safety" not in self.roles:
-            client = GrpcSafetyClient(s.safety_addr, s.safety_timeout_s)
+            client = GrpcSafetyClient(
+                s.safety_addr, s.safety_timeout_s, api_key=self.edge.internal_key
+            )
             self._defer(client.close)
             return client
         self.kernel = SafetyKernel(
@@ -351,17 +379,21 @@ class App:
             self._implemented |= SERVICE_NAMES
         self.workflows = runtime
 
-    async def _gateway(self, server: grpc.aio.Server, safety: SafetyClient) -> None:
+    async def _gateway(
+        self, server: grpc.aio.Server, safety: SafetyClient, events: JobEventPublisher
+    ) -> None:
         assert self.redis is not None and self.nats is not None and self.store is not None
         s = self.settings
-        hub = JobEventHub(self.nats, self.subjects.job_events)
-        await hub.start()
-        self._defer(hub.stop)
+        hub = self.job_events_hub
+        assert hub is not None
         self.jobs = JobService(
             store=self.store,
             nats=self.nats,
             subjects=self.subjects,
             hub=hub,
+            events=events,
+            # In one process with the scheduler, submits skip the bus (Scheduler.submit_local).
+            scheduler=self.scheduler,
             metrics=self.metrics,
         )
         approvals = ApprovalService(jobs=self.jobs, safety=safety)
@@ -386,6 +418,121 @@ class App:
             "cordum.v1.StatusService",
         }
         self._served.extend(d.full_name for d in platform_services())
+        await self._install_platform_storage(server)
+
+    async def _install_platform_storage(self, server: grpc.aio.Server) -> None:
+        """Gateway services over shared storage: locks, artifacts (bytes in Redis or S3,
+        per `artifact_backend`), the DLQ (retries go through `self.jobs`) and the memory
+        pointer reader. `self.locks`, `self.artifacts`, `self.dlq`, `self.memory` hold them.
+        """
+        from cordum.server.api.artifact_servicer import ArtifactServicer
+        from cordum.server.api.dlq_servicer import DLQServicer
+        from cordum.server.api.lock_servicer import LockServicer
+        from cordum.server.api.memory_servicer import MemoryServicer
+        from cordum.server.services.artifacts import ArtifactLimits, ArtifactService
+        from cordum.server.services.dlq import DLQService
+        from cordum.server.services.locks import LockService
+        from cordum.server.services.memory import MemoryService
+        from cordum.server.stores.artifacts import (
+            ArtifactBackend,
+            ArtifactMetaStore,
+            RedisBackend,
+        )
+        from cordum.server.stores.dlq import DLQStore
+        from cordum.server.stores.locks import LockStore
+        from cordum.v1 import (
+            artifact_service_pb2_grpc,
+            dlq_service_pb2_grpc,
+            lock_service_pb2_grpc,
+            memory_service_pb2_grpc,
+        )
+
+        assert self.redis is not None and self.store is not None and self.jobs is not None
+        s = self.settings
+        backends: dict[str, ArtifactBackend] = {
+            "redis": RedisBackend(self.redis, prefix=s.namespace)
+        }
+        if s.artifact_backend == "s3" or s.artifact_s3_bucket:
+            from cordum.server.stores.artifacts.s3_backend import S3Backend
+
+            backends["s3"] = S3Backend(
+                bucket=s.artifact_s3_bucket,
+                prefix=s.artifact_s3_prefix,
+                endpoint_url=s.artifact_s3_endpoint_url,
+                region=s.artifact_s3_region,
+                access_key_id=s.artifact_s3_access_key_id,
+                secret_access_key=s.artifact_s3_secret_access_key,
+            )
+        self.locks = LockService(LockStore(self.redis, prefix=s.namespace))
+        self.artifacts = ArtifactService(
+            ArtifactMetaStore(self.redis, prefix=s.namespace),
+            backends,
+            default_backend=s.artifact_backend,
+            limits=ArtifactLimits(
+                max_bytes=s.artifact_max_bytes,
+                ttl_s={
+                    "short": s.artifact_ttl_short_s,
+                    "standard": s.artifact_ttl_standard_s,
+                    "audit": s.artifact_ttl_audit_s,
+                },
+            ),
+        )
+        self._defer(self.artifacts.close)
+        self.dlq = DLQService(DLQStore(self.redis, prefix=s.namespace), self.jobs)
+        self.memory = MemoryService(
+            self.redis, self.store, self.artifacts, max_bytes=s.memory_read_max_bytes
+        )
+        lock_service_pb2_grpc.add_LockServiceServicer_to_server(LockServicer(self.locks), server)
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
+            ArtifactServicer(self.artifacts), server
+        )
+        dlq_service_pb2_grpc.add_DLQServiceServicer_to_server(DLQServicer(self.dlq), server)
+        memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(
+            MemoryServicer(self.memory), server
+        )
+        self._implemented |= {
+            "cordum.v1.LockService",
+            "cordum.v1.ArtifactService",
+            "cordum.v1.DLQService",
+            "cordum.v1.MemoryService",
+        }
+
+    async def _install_context(self, server: grpc.aio.Server) -> None:
+        """The context engine (BuildWindow, UpdateMemory) in the "context" role. Its memory
+        lives under upstream's unprefixed `mem:<memory_id>:*` keys (cordum.server.context);
+        tenant-bound callers are held to their own jobs' memory. `self.context_engine`.
+        """
+        from cordum.server.api.context_servicer import ContextEngineServicer
+        from cordum.server.context.engine import ContextEngine, ContextLimits
+        from cordum.server.context.owners import JobMemoryOwners
+        from cordum.server.context.store import MemoryStore
+        from cordum.v1 import context_service_pb2_grpc
+
+        assert self.redis is not None and self.store is not None
+        s = self.settings
+        self.context_engine: ContextEngine | None = None
+        if "context" not in self.roles:
+            return
+        self.context_engine = ContextEngine(
+            MemoryStore(self.redis),
+            limits=ContextLimits(
+                memory_ttl_s=s.context_memory_ttl_s,
+                history_turns=s.context_history_turns,
+                max_chunks=s.context_max_chunks,
+                rag_top_k=s.context_rag_top_k,
+                summary_trigger_tokens=s.context_summary_trigger_tokens,
+                summary_max_tokens=s.context_summary_max_tokens,
+            ),
+            owners=JobMemoryOwners(self.store),
+        )
+        context_service_pb2_grpc.add_ContextEngineServicer_to_server(
+            ContextEngineServicer(self.context_engine), server
+        )
+        name = "cordum.v1.ContextEngine"
+        self._implemented.add(name)
+        # A context-only process serves (and reports healthy) just this service.
+        if name not in self._served:
+            self._served.append(name)
 
     def _finish_registration(self, server: grpc.aio.Server) -> None:
         # Everything in the contract that nothing implements answers UNIMPLEMENTED.
@@ -400,13 +547,17 @@ class App:
             await self._server.stop(self.settings.shutdown_grace_s)
 
     async def _drain_nats(self) -> None:
-        if self.nats is not None and not self.nats.is_closed:
+        if self.nats is not None:
+            await self._drain_connection(self.nats)
+
+    async def _drain_connection(self, nc: NATS) -> None:
+        if not nc.is_closed:
             try:
                 # Bounded: a half-closed socket can make nats-py wait forever.
                 async with asyncio.timeout(5):
-                    await self.nats.drain()
+                    await nc.drain()
             except Exception:  # already closing, disconnected, or stuck: close hard
                 logger.debug("nats drain failed", exc_info=True)
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(2):
-                        await self.nats.close()
+                        await nc.close()

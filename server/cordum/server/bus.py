@@ -45,8 +45,21 @@ class Subjects:
 
     @property
     def job_events(self) -> str:
-        # Our own: one cordum.v1.JobEvent per job state change, for watchers and waiters.
+        """Our own job events (one cordum.v1.JobEvent per job state change, for watchers,
+        waiters and the workflow engine) go to `job_event(kind, state)`; this bare subject
+        takes the events of publishers that do not classify them (approvals, the workflow
+        engine's own), and every listener of job events subscribes to it as well."""
         return self.namespace + "cordum.job.events"
+
+    def job_event(self, kind: str, state: str) -> str:
+        """`<ns>cordum.job.events.<kind>.<STATE>`: kind `wf` for workflow step jobs, `job`
+        for the rest, so the workflow engine subscribes to just the events it acts on."""
+        return f"{self.namespace}cordum.job.events.{kind}.{state}"
+
+    @property
+    def job_events_all(self) -> str:
+        """Every classified job event (the bare `job_events` subject is not included)."""
+        return self.namespace + "cordum.job.events.>"
 
     @property
     def policy_events(self) -> str:

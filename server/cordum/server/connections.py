@@ -48,13 +48,15 @@ async def open_redis(url: str, *, timeout_s: float = 10.0, max_connections: int 
             await asyncio.sleep(0.1)
 
 
-async def open_nats(url: str, *, name: str, timeout_s: float = 10.0) -> NATS:
+async def open_nats(url: str, *, name: str, timeout_s: float = 10.0, no_echo: bool = False) -> NATS:
+    """`no_echo`: the server never delivers this connection's own messages back to it."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return await nats.connect(
                 servers=[url],
                 name=name,
+                no_echo=no_echo,
                 connect_timeout=2,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,

@@ -94,6 +94,22 @@ def failed_precondition(reason: Reason, message: str) -> CordumError:
     return CordumError(grpc.StatusCode.FAILED_PRECONDITION, reason, message)
 
 
+def permission_denied(message: str, field_name: str = "") -> CordumError:
+    violations = [FieldViolation(field_name, message)] if field_name else []
+    return CordumError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        error_reason_pb2.ERROR_REASON_PERMISSION_DENIED,
+        f"{field_name}: {message}" if field_name else message,
+        violations,
+    )
+
+
+def unauthenticated(message: str) -> CordumError:
+    return CordumError(
+        grpc.StatusCode.UNAUTHENTICATED, error_reason_pb2.ERROR_REASON_UNAUTHENTICATED, message
+    )
+
+
 def unavailable(message: str) -> CordumError:
     return CordumError(
         grpc.StatusCode.UNAVAILABLE, error_reason_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE, message

@@ -81,8 +81,64 @@ class Settings(BaseSettings):
     job_ttl_s: int = 7 * 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
     dlq_max_entries: int = 10_000
+
+    # Artifacts: where the bytes go (`redis`, or `s3` for S3-compatible object storage; the
+    # metadata and the `redis://art:<id>` pointers stay in Redis either way), the largest
+    # artifact accepted, and the TTL of each retention class.
+    artifact_backend: str = "redis"
+    artifact_max_bytes: int = 64 * 1024 * 1024
+    artifact_ttl_short_s: int = 24 * 3600
+    artifact_ttl_standard_s: int = 7 * 24 * 3600
+    artifact_ttl_audit_s: int = 30 * 24 * 3600
+    artifact_s3_bucket: str = ""
+    artifact_s3_prefix: str = "cordum/artifacts/"
+    # Empty: AWS itself; else an S3-compatible endpoint (MinIO, Ceph, moto).
+    artifact_s3_endpoint_url: str = ""
+    artifact_s3_region: str = "us-east-1"
+    # Empty: boto3's own credential chain (AWS_* variables, profiles, instance roles).
+    artifact_s3_access_key_id: str = ""
+    artifact_s3_secret_access_key: str = ""
+    # The most ReadMemory returns of one value (bytes of a string, items of a collection).
+    memory_read_max_bytes: int = 1024 * 1024
+    # Context engine memory (upstream's unprefixed `mem:<memory_id>:*` keys): TTL of every
+    # key (refreshed on each write), chat history kept (turns of 2 messages), chunks read per
+    # request, chunks retrieved into a RAG window, and the running summary's trigger and size.
+    context_memory_ttl_s: int = Field(30 * 24 * 3600, ge=1)
+    context_history_turns: int = Field(200, ge=1)
+    context_max_chunks: int = Field(500, ge=0)
+    context_rag_top_k: int = Field(8, ge=0)
+    context_summary_trigger_tokens: int = 2000
+    context_summary_max_tokens: int = 300
     # Override timeouts.yaml's reconciler scan interval (tests use short ones).
     reconcile_interval_s: float | None = None
+
+    # -- the edge: API keys, rate limits, request sizes (README "Security") ---------------
+    # API keys with tenants and roles (formats in api/auth.py), inline or in a YAML/JSON file.
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    # Upstream's single keys (first non-empty wins): an admin key for every tenant.
+    super_secret_api_token: str = ""
+    api_key: str = ""
+    legacy_api_key: str = Field("", validation_alias=AliasChoices("API_KEY"))
+    # The key this process presents to other Cordum processes (a remote safety kernel);
+    # empty: the single key above, if any.
+    internal_api_key: str = ""
+    # Without API keys the API is open, so it is only served on loopback unless this is set.
+    allow_insecure_bind: bool = False
+    # Token bucket per API key: requests per second and burst. Unset: 200/s, burst 400
+    # when keys are configured, no limit without keys. 0 turns it off.
+    rate_limit_rps: float | None = None
+    rate_limit_burst: int | None = None
+    # The largest request message the gRPC server accepts (Envoy applies the same to REST).
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Browser origins allowed by CORS (Envoy) and the WebSocket bridge; comma-separated,
+    # `*` for any. Empty: loopback origins only (http(s)://localhost|127.0.0.1|[::1]:<port>).
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices(
+            "CORDUM_ALLOWED_ORIGINS", "CORDUM_CORS_ALLOW_ORIGINS", "CORS_ALLOW_ORIGINS"
+        ),
+    )
 
     log_level: str = "INFO"
     log_format: str = "json"
@@ -93,6 +149,13 @@ class Settings(BaseSettings):
     def _split_roles(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = [r.strip() for r in value.split(",") if r.strip()]
+        return value
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [o.strip() for o in value.split(",") if o.strip()]
         return value
 
     @field_validator("roles")
@@ -121,3 +184,11 @@ class Settings(BaseSettings):
     @property
     def grpc_address(self) -> str:
         return f"{self.grpc_host}:{self.grpc_port}"
+
+    @property
+    def single_api_key(self) -> str:
+        """Upstream's one key: CORDUM_SUPER_SECRET_API_TOKEN, CORDUM_API_KEY, API_KEY."""
+        for value in (self.super_secret_api_token, self.api_key, self.legacy_api_key):
+            if value.strip():
+                return value.strip()
+        return ""

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
+import yaml
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
@@ -20,6 +22,8 @@ from cordum.sdk import AsyncClient, CordumError, Unavailable
 
 out = Console()
 err = Console(stderr=True)
+
+JSON = typer.Option(False, "--json", help="Print protojson (proto field names).")
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,20 @@ def error_line(message: str) -> None:
     err.print(line, soft_wrap=True)
 
 
+def violation_lines(violations: Mapping[str, str] | list[tuple[str, str]]) -> None:
+    """One indented ``field: description`` line per problem, under an error line."""
+    items = violations.items() if isinstance(violations, Mapping) else violations
+    for name, description in items:
+        err.print(Text(f"  {name or '(document)'}: {description}"), soft_wrap=True)
+
+
 def report(error: CordumError, target: str) -> None:
     if isinstance(error, Unavailable) and error.connection_failed:
         first = error.message.splitlines()[0] if error.message else "unavailable"
         error_line(f"cannot reach Cordum at {target}: {first}")
         return
     error_line(f"{error.reason or error.code.name}: {error.message}")
-    for name, description in error.field_violations.items():
-        err.print(Text(f"  {name}: {description}"), soft_wrap=True)
+    violation_lines(error.field_violations)
 
 
 def run(ctx: typer.Context, command: Callable[[AsyncClient], Coroutine[Any, Any, None]]) -> None:
@@ -120,11 +130,60 @@ def _read(path: str) -> str:
         return handle.read()
 
 
-def parse_labels(values: list[str]) -> dict[str, str]:
+def read_text(option: str, path: str) -> str:
+    """A file's text (``-`` for stdin), or a one-line Failure naming the option."""
+    try:
+        return typer.get_text_stream("stdin").read() if path == "-" else _read(path)
+    except OSError as exc:
+        raise Failure(f"{option}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def read_document(option: str, path: str) -> Any:
+    """A JSON or YAML document from a file (``-``: stdin). ``.json`` files are read as JSON,
+    anything else as YAML (which accepts JSON too)."""
+    text = read_text(option, path)
+    try:
+        if Path(path).suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if Path(path).suffix.lower() == ".json" else "YAML"
+        raise Failure(
+            f"{option}: {path} is not valid {kind} ({' '.join(str(exc).split())})"
+        ) from exc
+
+
+def json_object_arg(option: str, raw: str) -> dict[str, Any]:
+    """A flag value that must be a JSON object (inline, ``@file`` or ``@-``)."""
+    value = parse_json_arg(option, raw)
+    if not isinstance(value, dict):
+        raise Failure(f"{option}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def duration(seconds: float) -> str:
+    """``0.4s``, ``12.3s``, ``4m05s``, ``2h03m``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def clock(stamp: timestamp_pb2.Timestamp) -> str:
+    """A timestamp as local ``HH:MM:SS`` ('' when unset)."""
+    if not stamp.seconds and not stamp.nanos:
+        return ""
+    return stamp.ToDatetime(tzinfo=datetime.UTC).astimezone().strftime("%H:%M:%S")
+
+
+def parse_labels(values: list[str], option: str = "--label") -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise Failure(f"--label: expected key=value, got {item!r}")
+            raise Failure(f"{option}: expected key=value, got {item!r}")
         labels[key] = value
     return labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cordum.sdk import DEFAULT_TARGET
-from cordum.sdk.cli import approvals, jobs, stack
+from cordum.sdk.cli import approvals, config, jobs, policy, runs, schemas, stack, workflows
 from cordum.sdk.cli._common import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cordum command line.")
@@ -30,6 +30,11 @@ app.command()(stack.down)
 app.command()(stack.status)
 app.add_typer(jobs.app, name="job")
 app.add_typer(approvals.app, name="approval")
+app.add_typer(workflows.app, name="workflow")
+app.add_typer(runs.app, name="run")
+app.add_typer(config.app, name="config")
+app.add_typer(policy.app, name="policy")
+app.add_typer(schemas.app, name="schema")
 
 
 def main() -> None:

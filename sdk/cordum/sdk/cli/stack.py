@@ -38,6 +38,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 def up(
+    ctx: typer.Context,
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background."),
     data_dir: Path = typer.Option(Path(".cordum"), help="Where data, logs and state live."),
     worker: bool = typer.Option(True, help="Also run the example worker."),
@@ -49,9 +50,37 @@ def up(
     metrics_port: int = typer.Option(9090, help="Prometheus metrics port."),
     ws_port: int = typer.Option(8082, help="Internal WebSocket bridge port."),
     admin_port: int = typer.Option(9901, help="Envoy admin port."),
+    api_keys: str = typer.Option(
+        "",
+        "--api-keys",
+        envvar="CORDUM_API_KEYS",
+        help="API keys with tenants and roles (README: Security).",
+        show_default=False,
+    ),
+    api_keys_file: Path | None = typer.Option(
+        None, envvar="CORDUM_API_KEYS_FILE", help="A YAML/JSON file of API keys."
+    ),
+    allowed_origins: str = typer.Option(
+        "",
+        "--allowed-origins",
+        envvar="CORDUM_ALLOWED_ORIGINS",
+        help="Browser origins allowed by CORS, comma-separated (`*`: any).",
+        show_default=False,
+    ),
 ) -> None:
-    """Start nats-server, valkey-server, cordum-server, Envoy and the example worker."""
+    """Start nats-server, valkey-server, cordum-server, Envoy and the example worker.
+
+    Without API keys the stack serves an open API on loopback only; with them (or the
+    global --api-key, which becomes an admin key for every tenant) every call needs one."""
     launcher = _stack_module()
+    server_env: dict[str, str] = {}
+    if api_keys.strip():
+        server_env["CORDUM_API_KEYS"] = api_keys
+    if api_keys_file is not None:
+        server_env["CORDUM_API_KEYS_FILE"] = str(api_keys_file.resolve())
+    global_key = getattr(ctx.obj, "api_key", None)
+    if global_key:
+        server_env["CORDUM_API_KEY"] = global_key
     script = worker_script.resolve() if worker and worker_script.exists() else None
     if worker and script is None:
         err.print(f"note: {worker_script} not found; starting without the example worker")
@@ -65,6 +94,8 @@ def up(
         ws_port=ws_port,
         envoy_admin_port=admin_port,
         worker_script=script,
+        server_env=server_env,
+        allowed_origins=tuple(o.strip() for o in allowed_origins.split(",") if o.strip()),
     )
     if launcher.read_state(data_dir.resolve()):
         raise _fail(f"a stack is already running from {data_dir} (cordumctl down stops it)")
@@ -115,6 +146,10 @@ def _up_detached(launcher: Any, settings: Any) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "supervisor.log"
     raw = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+    # Keys travel in the environment (readable by this user only), never on the command
+    # line (readable by everyone through ps).
+    secret_env = raw.pop("server_env")
+    env = {**os.environ, "CORDUM_STACK_SERVER_ENV": json.dumps(secret_env)}
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cordum.server.stack.supervisor", json.dumps(raw)],
@@ -122,6 +157,7 @@ def _up_detached(launcher: Any, settings: Any) -> None:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=env,
         )
     deadline = time.monotonic() + 90
     with console.status("starting the stack in the background..."):
@@ -166,6 +202,7 @@ def down(
 
 
 def status(
+    ctx: typer.Context,
     data_dir: Path = typer.Option(Path(".cordum"), help="The stack's data directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -178,7 +215,7 @@ def status(
         else:
             console.print(f"no stack is running from {data_dir}")
         raise typer.Exit(1)
-    components = launcher.probe(state)
+    components = launcher.probe(state, api_key=getattr(ctx.obj, "api_key", None))
     healthy = all(c["healthy"] for c in components.values())
     if as_json:
         doc = {

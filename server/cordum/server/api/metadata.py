@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import grpc
 
 from cordum.server.services.caller import Caller
+
+# Set by the auth interceptor (api/auth.py) for the task serving one RPC.
+CURRENT_CALLER: ContextVar[Caller | None] = ContextVar("cordum_caller", default=None)
 
 
 def header(context: grpc.aio.ServicerContext, name: str) -> str:
@@ -19,6 +24,8 @@ def idempotency_key(context: grpc.aio.ServicerContext) -> str:
 
 
 def caller(context: grpc.aio.ServicerContext) -> Caller:
-    """The authenticated caller (API-key auth fills this in; without keys, unscoped)."""
-    principal = header(context, "x-principal-id")
-    return Caller(tenant=None, principal=principal)
+    """The authenticated caller; without API keys (no auth interceptor), an unscoped admin."""
+    current = CURRENT_CALLER.get()
+    if current is not None:
+        return current
+    return Caller(tenant=None, principal=header(context, "x-principal-id"))

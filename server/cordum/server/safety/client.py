@@ -76,8 +76,11 @@ class GrpcSafetyClient:
         timeout_s: float = 2.0,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str = "",
     ) -> None:
         self._target = target
+        # The kernel's gRPC server requires a key when API keys are configured.
+        self._metadata = (("x-api-key", api_key),) if api_key else None
         self._timeout_s = timeout_s
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
@@ -96,7 +99,7 @@ class GrpcSafetyClient:
         stub = self._get_stub()
         try:
             response: safety_pb2.PolicyCheckResponse = await stub.Check(
-                request, timeout=self._timeout_s
+                request, timeout=self._timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as error:
             raise KernelUnavailable(

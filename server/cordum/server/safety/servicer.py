@@ -9,7 +9,20 @@ from __future__ import annotations
 import grpc
 
 from cordum.agent.v1 import safety_pb2, safety_pb2_grpc
+from cordum.server.api.metadata import caller
 from cordum.server.safety.kernel import SafetyKernel
+
+
+def _scoped(
+    request: safety_pb2.PolicyCheckRequest, context: grpc.aio.ServicerContext
+) -> safety_pb2.PolicyCheckRequest:
+    """A key bound to one tenant asks about its own tenant only."""
+    who = caller(context)
+    who.check_tenant(request.tenant, "tenant")
+    who.check_tenant(request.meta.tenant_id, "meta.tenant_id")
+    if who.tenant is not None and not request.tenant:
+        request.tenant = who.tenant
+    return request
 
 
 class SafetyKernelServicer(safety_pb2_grpc.SafetyKernelServicer):
@@ -19,24 +32,24 @@ class SafetyKernelServicer(safety_pb2_grpc.SafetyKernelServicer):
     async def Check(
         self, request: safety_pb2.PolicyCheckRequest, context: grpc.aio.ServicerContext
     ) -> safety_pb2.PolicyCheckResponse:
-        return self._kernel.check(request)
+        return self._kernel.check(_scoped(request, context))
 
     async def Evaluate(
         self, request: safety_pb2.PolicyCheckRequest, context: grpc.aio.ServicerContext
     ) -> safety_pb2.PolicyCheckResponse:
-        return self._kernel.evaluate(request)
+        return self._kernel.evaluate(_scoped(request, context))
 
     async def Explain(
         self, request: safety_pb2.PolicyCheckRequest, context: grpc.aio.ServicerContext
     ) -> safety_pb2.PolicyCheckResponse:
         # CAP's response has no room for the trace; the platform API's explain endpoint
         # returns it (RuleEvaluation) from kernel.explain directly.
-        return self._kernel.explain(request).response
+        return self._kernel.explain(_scoped(request, context)).response
 
     async def Simulate(
         self, request: safety_pb2.PolicyCheckRequest, context: grpc.aio.ServicerContext
     ) -> safety_pb2.PolicyCheckResponse:
-        return self._kernel.simulate(request)
+        return self._kernel.simulate(_scoped(request, context))
 
     async def ListSnapshots(
         self, request: safety_pb2.ListSnapshotsRequest, context: grpc.aio.ServicerContext

@@ -30,6 +30,15 @@ Defaults (`config/system.yaml` at the top level, `pools.yaml` under `pools`,
   it always replaces the system document's data with the files' content (API edits of the
   system scope are overwritten; put per-org settings in org documents instead).
 Upstream copied the files once and then ignored every later edit of them forever.
+
+Tenancy: `system` is shared (read by every key, written by an admin key for all tenants);
+`org/<tenant>` is that tenant's (another tenant's org document is NOT_FOUND). Team, workflow
+and step documents written by a key bound to a tenant are that tenant's own (stored as
+`<tenant>~<id>`; `~` is not an id character, so they never collide with shared ids), seen
+and changed only by its keys; documents written by an all-tenant key (or without API keys)
+are shared. A tenant's merge takes its own document of a scope id when it has one, else the
+shared one; another tenant's documents never reach it. (Before, team/workflow/step ids were
+one namespace: any tenant could read, or change, the config merged into another's jobs.)
 """
 
 from __future__ import annotations
@@ -71,6 +80,14 @@ MAX_DATA_BYTES = 1 << 20
 MAX_META_ENTRIES = 64
 MAX_META_CHARS = 1024
 _SCOPE_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,200}$")
+# Scopes whose documents a tenant may own (see the module doc).
+TENANT_SCOPES: tuple[str, ...] = ("team", "workflow", "step")
+_OWNED = "~"
+
+
+def owned_id(tenant: str, scope_id: str) -> str:
+    """Where a tenant's own team/workflow/step document is stored."""
+    return f"{tenant}{_OWNED}{scope_id}"
 
 
 # `ConfigService.effective_for_job`: (tenant, team, workflow, step) → (JSON, version, hash).
@@ -253,7 +270,7 @@ class ConfigService:
 
     async def reload(self, caller: Caller) -> Reloaded:
         """Re-read the files and make them the system document (always; see module doc)."""
-        self._require_admin(caller, "system")
+        self._require_admin(caller)
         defaults = read_defaults(self._config_dir)
         if not defaults.files:
             raise CordumError(
@@ -288,8 +305,8 @@ class ConfigService:
     # -- documents -------------------------------------------------------------------------
 
     async def get(self, scope: str, scope_id: str, caller: Caller) -> StoredConfig:
-        scope, scope_id = self._address(scope or "system", scope_id, caller)
-        doc = await self._store.get(scope, scope_id)
+        scope, scope_id, stored_id = self._address(scope or "system", scope_id, caller)
+        doc = await self._store.get(scope, stored_id)
         if doc is None:
             raise not_found(
                 error_reason_pb2.ERROR_REASON_CONFIG_NOT_FOUND,
@@ -323,14 +340,17 @@ class ConfigService:
                 problems.add(f"meta.{key}", f"keys and values must be 1-{MAX_META_CHARS} chars")
         if expected_revision is not None and expected_revision < 0:
             problems.add("expected_revision", "must be >= 0 (0: the document must not exist)")
+        stored_id = scope_id
         if scope:
             try:
-                scope, scope_id = self._address(scope, scope_id, caller)
+                scope, scope_id, stored_id = self._address(scope, scope_id, caller)
             except CordumError as error:
                 if error.code != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
                 problems.items.extend(error.violations)
         problems.raise_if_any()
+        if scope == "system":
+            self._require_admin(caller)
         assert data is not None
         new_data = normalize(data)
 
@@ -348,13 +368,14 @@ class ConfigService:
             )
 
         written = await self._store.update(
-            scope, scope_id, build, expected_revision=expected_revision
+            scope, stored_id, build, expected_revision=expected_revision
         )
         assert written is not None
         self._cache.clear()
         return written
 
-    def _address(self, scope: str, scope_id: str, caller: Caller) -> tuple[str, str]:
+    def _address(self, scope: str, scope_id: str, caller: Caller) -> tuple[str, str, str]:
+        """(scope, scope id, the id the document is stored under), for this caller."""
         problems = Violations()
         if scope not in SCOPES:
             problems.add("scope", f"unknown scope {scope!r} (one of: {', '.join(SCOPES)})")
@@ -368,14 +389,20 @@ class ConfigService:
             problems.add("scope_id", "must be 1-200 characters of A-Z a-z 0-9 . _ : @ / -")
         problems.raise_if_any()
         if scope == "org" and not caller.can_see(scope_id):
-            raise _permission_denied(f"org {scope_id} is not yours")
-        self._require_admin(caller, scope)
-        return scope, scope_id
+            # Another tenant's document is indistinguishable from a missing one.
+            raise not_found(
+                error_reason_pb2.ERROR_REASON_CONFIG_NOT_FOUND,
+                f"config {scope}/{scope_id} not found",
+            )
+        if scope in TENANT_SCOPES and caller.tenant is not None:
+            return scope, scope_id, owned_id(caller.tenant, scope_id)
+        return scope, scope_id, scope_id
 
     @staticmethod
-    def _require_admin(caller: Caller, scope: str) -> None:
-        if scope == "system" and caller.role != "admin":
+    def _require_admin(caller: Caller) -> None:
+        if caller.role != "admin":
             raise _permission_denied("the system scope needs the admin role")
+        caller.require_all_tenants("the system config")
 
     # -- effective config ----------------------------------------------------------------
 
@@ -384,8 +411,8 @@ class ConfigService:
     ) -> Effective:
         """The merge for these scopes (missing ones skipped), always read fresh."""
         problems = Violations()
-        if caller is not None and caller.tenant and org and org != caller.tenant:
-            raise _permission_denied(f"org {org} is not yours")
+        if caller is not None:
+            caller.check_tenant(org, "org_id")
         org = org or (caller.tenant if caller is not None else None) or "default"
         for name, value in (("org_id", org), ("team_id", team), ("workflow_id", workflow)):
             if value and not _SCOPE_ID.match(value):
@@ -416,12 +443,20 @@ class ConfigService:
             ("workflow", workflow),
             ("step", step_id),
         ]
+
+        def own(scope: str, scope_id: str) -> tuple[str, str] | None:
+            if scope in TENANT_SCOPES and org and scope_id:
+                return scope, owned_id(org, scope_id)
+            return None
+
         present = [(s, i) for s, i in wanted if i]
+        present += [ref for ref in (own(s, i) for s, i in wanted) if ref is not None]
         docs = dict(zip(present, await self._store.get_many(present), strict=True))
         data: dict[str, Any] = {}
         parts = []
         for ref in wanted:
-            doc = docs.get(ref)
+            own_ref = own(*ref)
+            doc = (docs.get(own_ref) if own_ref else None) or docs.get(ref)
             parts.append(f"{ref[0]}:{doc.revision if doc else 0}")
             if doc is not None:
                 data = deep_merge(data, doc.data)

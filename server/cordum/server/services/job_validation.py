@@ -12,7 +12,7 @@ from google.protobuf import json_format
 
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
-from cordum.server.errors import Violations
+from cordum.server.errors import Violations, invalid_field
 from cordum.server.services.caller import Caller
 from cordum.server.stores.jobs import NewJob, ms_timestamp
 from cordum.v1 import job_pb2, job_service_pb2
@@ -21,6 +21,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9._:@\[\]-]{1,200}$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 TOPIC_RE = re.compile(r"^job\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,100}$")
+# Memory ids name Redis keys (`mem:<id>:...`): ids plus `/`.
+MEMORY_ID_RE = re.compile(r"^[A-Za-z0-9._:@/\[\]-]{1,200}$")
 
 MAX_PROMPT_BYTES = 100_000
 # A CAP 2.17 worker refuses a context over 2 MiB.
@@ -54,6 +56,22 @@ def parse_actor_type(value: str) -> int | None:
     return _ACTOR_TYPES.get(key)
 
 
+def check_id(value: str, field_name: str, pattern: re.Pattern[str] = ID_RE) -> str:
+    """An id a request addresses: required, and from the id character set (else a clear
+    INVALID_ARGUMENT naming the field, not a NOT_FOUND for something unaddressable)."""
+    if not value:
+        raise invalid_field(field_name, "required")
+    if not pattern.match(value):
+        allowed = pattern.pattern.removeprefix("^").removesuffix("$")
+        raise invalid_field(field_name, f"must match {allowed}")
+    return value
+
+
+def check_tenant_filter(value: str, field_name: str) -> None:
+    if value and not TENANT_RE.match(value):
+        raise invalid_field(field_name, "1-100 characters from [A-Za-z0-9._-]")
+
+
 @dataclass(frozen=True)
 class BuiltJob:
     new: NewJob
@@ -77,6 +95,9 @@ def build_job(
     default_retries: int = 0,
     reserved_labels_ok: bool = False,
 ) -> BuiltJob:
+    # Naming another tenant is refused outright (PERMISSION_DENIED), not listed as a problem.
+    caller.check_tenant(req.org_id.strip(), "org_id")
+    caller.check_tenant(req.tenant_id.strip(), "tenant_id")
     v = Violations()
     has_input = req.HasField("input")
     prompt_size = len(req.prompt.encode())
@@ -104,10 +125,12 @@ def build_job(
         v.add("actor_type", "must be human or service")
     requested_tenant = req.org_id.strip() or req.tenant_id.strip()
     tenant = caller.tenant_for(requested_tenant)
-    if requested_tenant and caller.tenant and requested_tenant != caller.tenant:
-        v.add("tenant_id", "differs from the caller's tenant")
     if not TENANT_RE.match(tenant):
-        v.add("tenant_id", "1-100 characters from [A-Za-z0-9._-]")
+        v.add(
+            "org_id" if req.org_id.strip() else "tenant_id", "1-100 characters from [A-Za-z0-9._-]"
+        )
+    if req.memory_id and not MEMORY_ID_RE.match(req.memory_id):
+        v.add("memory_id", "1-200 characters from [A-Za-z0-9._:@/[]-]")
     if len(req.labels) > MAX_LABELS:
         v.add("labels", f"at most {MAX_LABELS} entries")
     for key, value in req.labels.items():

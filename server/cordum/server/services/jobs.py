@@ -3,6 +3,10 @@ decisions, remediation, traces and watch streams.
 
 Submit costs one Redis round trip (a script that checks idempotency and writes the input,
 the record and the indexes) and one NATS publish; concurrent submits share the round trip.
+With a scheduler in the same process, the submit goes to it directly: no NATS message, and
+the same script call creates the job and applies its safety decision (`Scheduler.submit_local`).
+Submit-and-wait then gets the job's record and result with its terminal event (read by the
+script that ended the job), so a job costs this process no read of its own.
 """
 
 from __future__ import annotations
@@ -25,8 +29,14 @@ from cordum.server.bus import Batcher, Subjects
 from cordum.server.errors import CordumError, failed_precondition, invalid_field, not_found
 from cordum.server.metrics import Metrics
 from cordum.server.services.caller import Caller, hidden_job
-from cordum.server.services.job_events import JobEventHub
-from cordum.server.services.job_validation import BuiltJob, build_job
+from cordum.server.services.job_events import HubEvent, JobEventHub, JobEventPublisher
+from cordum.server.services.job_validation import (
+    BuiltJob,
+    build_job,
+    check_id,
+    check_tenant_filter,
+)
+from cordum.server.services.scheduler import Scheduler
 from cordum.server.stores.jobs import (
     ACTIVE,
     TERMINAL,
@@ -75,6 +85,8 @@ class JobService:
         subjects: Subjects,
         hub: JobEventHub,
         metrics: Metrics,
+        events: JobEventPublisher | None = None,
+        scheduler: Scheduler | None = None,
         sender_id: str = "cordum-gateway",
         default_retries: int = 0,
     ) -> None:
@@ -82,6 +94,9 @@ class JobService:
         self.nats = nats
         self.subjects = subjects
         self.hub = hub
+        self.events = events or JobEventPublisher(nats, subjects, hub)
+        # The scheduler of this process, when it runs here: submits are handed to it.
+        self.scheduler = scheduler
         self.metrics = metrics
         self.sender_id = sender_id
         self.default_retries = default_retries
@@ -141,8 +156,11 @@ class JobService:
         return await future
 
     async def _write(self, new: NewJob) -> SubmitOutcome:
-        future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
-        self._writes.add((new, future))
+        if self.scheduler is not None:
+            future = self.scheduler.submit_local(new)
+        else:
+            future = asyncio.get_running_loop().create_future()
+            self._writes.add((new, future))
         try:
             return await future
         except (ConnectionError, OSError, TimeoutError) as exc:
@@ -153,6 +171,10 @@ class JobService:
             ) from exc
 
     async def publish_submit(self, request: agent.JobRequest, trace_id: str) -> None:
+        """Ask a scheduler to decide on a stored PENDING job (this process's, else any)."""
+        if self.scheduler is not None:
+            self.scheduler.readmit(request, trace_id)
+            return
         packet = cap.envelope(sender_id=self.sender_id, trace_id=trace_id, job_request=request)
         await self.nats.publish(self.subjects.submit, cap.encode(packet))
 
@@ -174,8 +196,9 @@ class JobService:
                     "idempotency key already used",
                 )
             return Submitted(record.job, replay=True)
-        # Stored before published: if the publish is lost, the pending replayer re-sends it.
-        await self.publish_submit(new.request, new.job.trace_id)
+        if self.scheduler is None:
+            # Stored before published: if the publish is lost, the pending replayer re-sends it.
+            await self.publish_submit(new.request, new.job.trace_id)
         self.metrics.jobs_submitted.labels(new.job.topic).inc()
         job = job_pb2.Job()
         job.CopyFrom(new.job)
@@ -215,38 +238,33 @@ class JobService:
             raise invalid_field("timeout_ms", f"must be between 0 and {MAX_WAIT_MS}")
         built = self.build(req, caller, idem_header)
         job_id = built.new.job.id
-        # Listen before submitting, so a fast worker cannot finish before we look.
-        queue = self.hub.listen(job_id)
+        # Wait before submitting, so a fast worker cannot finish before we look.
+        done = self.hub.wait_terminal(job_id)
+        ended: HubEvent | None = None
         try:
             submitted = await self.submit_built(built, caller)
+            record = None
             if submitted.replay:
-                self.hub.forget(job_id, queue)
+                self.hub.forget_wait(job_id, done)
                 job_id = submitted.job.id
-                queue = self.hub.listen(job_id)
-            record = await self.store.get(job_id) if submitted.replay else None
+                done = self.hub.wait_terminal(job_id)
+                record = await self.store.get(job_id)
             if record is None or record.state not in TERMINAL:
-                await self._await_terminal(queue, (timeout_ms or DEFAULT_WAIT_MS) / 1000)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout((timeout_ms or DEFAULT_WAIT_MS) / 1000):
+                        ended = await done
         finally:
-            self.hub.forget(job_id, queue)
+            self.hub.forget_wait(job_id, done)
+        if ended is not None and ended.record is not None:
+            # Read by the script that ended the job, in this process: no read of our own.
+            return submitted, ended.record, ended.result
         record, result = await self._read_with_result(job_id)
         return submitted, record, result
-
-    async def _await_terminal(
-        self, queue: asyncio.Queue[job_pb2.JobEvent], timeout_s: float
-    ) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    event = await queue.get()
-                    if state_name(event.state) in TERMINAL:
-                        return True
-        return False
 
     # -- reads ------------------------------------------------------------------------
 
     async def get(self, job_id: str, caller: Caller) -> JobRecord:
-        if not job_id:
-            raise invalid_field("job_id", "required")
+        check_id(job_id, "job_id")
         record = await self.store.get(job_id)
         if record is None or not caller.can_see(record.tenant):
             raise hidden_job(job_id)
@@ -256,8 +274,10 @@ class JobService:
         state = req.state.strip().upper().removeprefix("JOB_STATE_")
         if state and state not in (*ACTIVE, *TERMINAL):
             raise invalid_field("state", f"unknown state {req.state!r}")
-        if req.tenant_id and caller.tenant and req.tenant_id != caller.tenant:
-            raise invalid_field("tenant_id", "differs from the caller's tenant")
+        caller.check_tenant(req.tenant_id, "tenant_id")
+        check_tenant_filter(req.tenant_id, "tenant_id")
+        if req.trace_id:
+            check_id(req.trace_id, "trace_id")
         tenant = caller.tenant_for(req.tenant_id)
         after = req.updated_after.ToMilliseconds() if req.HasField("updated_after") else 0
         before = req.updated_before.ToMilliseconds() if req.HasField("updated_before") else 0
@@ -301,20 +321,13 @@ class JobService:
             # Workers that honour cancellation stop; the late result of those that don't is
             # discarded by the scheduler.
             await self.nats.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
-            await self.nats.publish(
-                self.subjects.job_events,
-                job_pb2.JobEvent(
-                    job_id=job_id,
-                    state=job_pb2.JOB_STATE_CANCELLED,
-                    message=why,
-                    time=ms_timestamp(now_ms()),
-                ).SerializeToString(),
-            )
+            await self.events.publish(job_id, "CANCELLED", why)
         updated = await self.store.get(job_id)
         assert updated is not None
         return updated
 
     async def result(self, job_id: str, caller: Caller) -> tuple[JobRecord, bytes | None]:
+        check_id(job_id, "job_id")
         record, result = await self.store.get_with_result(job_id)
         if record is None or not caller.can_see(record.tenant):
             raise hidden_job(job_id)
@@ -323,8 +336,8 @@ class JobService:
     async def decisions(
         self, req: job_service_pb2.ListJobDecisionsRequest, caller: Caller
     ) -> tuple[list[job_pb2.SafetyDecision], str]:
-        await self.get(req.job_id, caller)
         size = page_size(req.page_size)
+        await self.get(req.job_id, caller)
         try:
             offset = int(req.page_token or "0")
         except ValueError as exc:
@@ -334,8 +347,7 @@ class JobService:
         return decisions, str(offset + size) if len(raw) > size else ""
 
     async def trace(self, trace_id: str, caller: Caller) -> list[JobRecord]:
-        if not trace_id:
-            raise invalid_field("trace_id", "required")
+        check_id(trace_id, "trace_id")
         records = await self.store.get_many(await self.store.trace(trace_id))
         visible = [r for r in records if r is not None and caller.can_see(r.tenant)]
         return sorted(visible, key=lambda r: r.job.created_at.ToNanoseconds())
@@ -356,7 +368,7 @@ class JobService:
             if record.state in TERMINAL:
                 return
             while True:
-                event = await queue.get()
+                event = (await queue.get()).event
                 record = await self.store.get(job_id) or record
                 yield event, record
                 if state_name(event.state) in TERMINAL:

@@ -288,7 +288,7 @@ class PolicyAdmin:
             if current is not None and current.version == target.version:
                 raise CordumError(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    error_reason_pb2.ERROR_REASON_INVALID_ARGUMENT,
+                    error_reason_pb2.ERROR_REASON_POLICY_VERSION_CURRENT,
                     f"version {target.version} is already the current version",
                 )
             result = await self._commit(

@@ -32,6 +32,7 @@ from cordum.server.safety.facts import resolve_tenant
 from cordum.server.safety.model import PolicySet
 from cordum.server.services.caller import Caller
 from cordum.server.services.config_service import ConfigService
+from cordum.server.services.job_validation import TENANT_RE
 from cordum.server.services.policy_admin import PolicyAdmin
 from cordum.server.services.policy_bundles import (
     build_candidate,
@@ -104,9 +105,16 @@ class PolicyEvaluator:
         )
         if actor_type is None:
             problems.add(f"{prefix}meta.actor_type", "must be human or service")
+        # Every tenant field: org_id also picks the org config merged into the request.
+        for name, value in (
+            ("tenant", body.tenant),
+            ("meta.tenant_id", body.meta.tenant_id),
+            ("org_id", body.org_id),
+        ):
+            caller.check_tenant(value.strip(), f"{prefix}{name}")
+            if value.strip() and not TENANT_RE.match(value.strip()):
+                problems.add(f"{prefix}{name}", "1-100 characters from [A-Za-z0-9._-]")
         tenant = (body.tenant or body.meta.tenant_id or body.org_id).strip()
-        if caller.tenant is not None and tenant and tenant != caller.tenant:
-            problems.add(f"{prefix}tenant", "not your tenant")
         problems.raise_if_any()
         tenant = tenant or caller.tenant or ""
         if _has_effective_config(body):

@@ -133,7 +133,7 @@ class Reconciler:
             packet = cap.envelope(
                 sender_id=sched.config.sender_id, trace_id=record.job.id, job_cancel=cancel
             )
-            await sched.nats.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
+            await sched.out.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
         await sched.publish_dlq(record.job.id, "TIMEOUT", code, why)
 
     async def _requeue_or_end(

@@ -8,8 +8,15 @@ and duplicate or late messages are recorded and ignored.
 Per job, on the hot path (plain NATS):
   submit: 1 safety check (in-process: no I/O; remote: 1 gRPC call) + 1 Redis script
           (pipelined with every other job of the same batch) + 1 NATS publish (dispatch)
-          + 1 NATS publish (job event)
-  result: 1 Redis script (pipelined per batch) + 1 NATS publish (job event)
+          + 1 NATS publish (job event). A gateway in the same process hands its submits over
+          directly (`submit_local`): no bus message, and the job is created and admitted by
+          the same script call.
+  result: 1 Redis script (pipelined per batch; for a caller waiting in this process it also
+          returns the record and the result) + 1 NATS publish (job event)
+The effective config of each job (system → org → team → workflow → step) is attached to the
+dispatched request (env CORDUM_EFFECTIVE_CONFIG) and given to the safety kernel, from the
+config service's in-process cache (once per distinct scope set per batch: no Redis round
+trip per job).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from google.protobuf import json_format
 from nats.aio.client import Client as NATS
@@ -30,8 +37,9 @@ from cordum.sdk import cap
 from cordum.server.bus import Batcher, Subjects
 from cordum.server.config_files import PoolsConfig, TimeoutsConfig
 from cordum.server.metrics import Metrics
-from cordum.server.safety.client import KernelUnavailable, SafetyClient
+from cordum.server.safety.client import KernelUnavailable, LocalSafetyClient, SafetyClient
 from cordum.server.safety.evaluate import retry_after_ms
+from cordum.server.services.config_service import EffectiveConfigSource
 from cordum.server.services.job_events import JobEventPublisher
 from cordum.server.services.placement import Placement, Unplaceable, place
 from cordum.server.services.workers import WorkerRegistry
@@ -42,6 +50,7 @@ from cordum.server.stores.jobs import (
     Completion,
     JobStore,
     NewJob,
+    SubmitOutcome,
     ms_timestamp,
 )
 from cordum.v1 import job_pb2 as v1_job_pb2
@@ -85,25 +94,48 @@ def job_hash(request: job_pb2.JobRequest) -> str:
     clone.CopyFrom(request)
     for key in [k for k in clone.labels if k.lower().startswith("approval_")]:
         del clone.labels[key]
-    clone.env.pop("CORDUM_EFFECTIVE_CONFIG", None)
+    clone.env.pop(EFFECTIVE_CONFIG_ENV, None)
     clone.ClearField("dispatch")
     clone.budget.deadline_ms = request.budget.deadline_ms
     return hashlib.sha256(clone.SerializeToString(deterministic=True)).hexdigest()
 
 
-def policy_request(request: job_pb2.JobRequest) -> safety_pb2.PolicyCheckRequest:
-    tenant = request.tenant_id or request.meta.tenant_id or request.env.get("tenant_id", "")
+EFFECTIVE_CONFIG_ENV = "CORDUM_EFFECTIVE_CONFIG"
+
+
+def request_tenant(request: job_pb2.JobRequest) -> str:
+    return request.tenant_id or request.meta.tenant_id or request.env.get("tenant_id", "")
+
+
+def config_scopes(request: job_pb2.JobRequest) -> tuple[str, str, str, str]:
+    """(org, team, workflow, step) of a job's effective config, as upstream reads them."""
+    env = request.env
+    return (
+        request_tenant(request) or "default",
+        env.get("team_id", ""),
+        request.workflow_id or env.get("workflow_id", ""),
+        env.get("step_id", ""),
+    )
+
+
+def policy_request(
+    request: job_pb2.JobRequest, effective_config: bytes | None = None
+) -> safety_pb2.PolicyCheckRequest:
+    """The kernel's view of a job; `effective_config` (when given) replaces whatever the
+    request's env carries."""
+    if effective_config is None:
+        effective_config = request.env.get(EFFECTIVE_CONFIG_ENV, "").encode()
     return safety_pb2.PolicyCheckRequest(
         job_id=request.job_id,
         topic=request.topic,
-        tenant=tenant,
+        tenant=request_tenant(request),
         priority=request.priority,
         budget=request.budget,
         principal_id=request.principal_id,
         labels=dict(request.labels),
         memory_id=request.memory_id,
         meta=request.meta,
-        effective_config=request.env.get("CORDUM_EFFECTIVE_CONFIG", "").encode(),
+        effective_config=effective_config,
     )
 
 
@@ -136,7 +168,11 @@ class _Pending:
     decision: _Decision | None = None
     placement: Placement | Unplaceable | None = None
     hash: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
+    # The job's effective config (JSON; b"" = none attached).
+    effective: bytes = b""
+    # A job handed over by a gateway in this process: created by the admission's script.
+    new: NewJob | None = None
+    created: asyncio.Future[SubmitOutcome] | None = None
 
 
 class Scheduler:
@@ -153,8 +189,14 @@ class Scheduler:
         metrics: Metrics,
         events: JobEventPublisher,
         config: SchedulerConfig | None = None,
+        effective_config: EffectiveConfigSource | None = None,
+        out: NATS | None = None,
     ) -> None:
         self.nats = nats
+        # What this scheduler publishes (dispatches, DLQ notices, cancels) goes out on `out`:
+        # in a gateway process, the connection the job events use too, so one flush carries
+        # a batch's dispatches and events together.
+        self.out = out or nats
         self.store = store
         self.safety = safety
         self.registry = registry
@@ -164,9 +206,14 @@ class Scheduler:
         self.metrics = metrics
         self.events = events
         self.config = config or SchedulerConfig()
+        self.effective_config = effective_config
+        # An in-process kernel answers without I/O: asking it job by job costs no task each.
+        self._local_safety = isinstance(safety, LocalSafetyClient)
         self._admits: Batcher[_Pending] = Batcher(self._admit_batch, name="scheduler-admit")
-        self._results: Batcher[job_pb2.JobResult] = Batcher(
-            self._result_batch, name="scheduler-results"
+        # Submits handed over in-process and worker results: one Redis round trip (and one
+        # NATS flush) per drained batch of both.
+        self._work: Batcher[_Pending | job_pb2.JobResult] = Batcher(
+            self._work_batch, name="scheduler-work"
         )
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -217,8 +264,8 @@ class Scheduler:
         for task in self._tasks:
             await stop_task(task)
         self._tasks = []
+        await self._work.drain()
         await self._admits.drain()
-        await self._results.drain()
 
     # -- intake ------------------------------------------------------------------------
 
@@ -238,17 +285,48 @@ class Scheduler:
     async def _on_result(self, msg: Msg) -> None:
         packet = self._decode(msg)
         if packet is not None and packet.HasField("job_result"):
-            self._results.add(packet.job_result)
+            self._work.add(packet.job_result)
 
     def readmit(self, request: job_pb2.JobRequest, trace_id: str) -> None:
         """Queue a stored PENDING job for another decision (due queue, replayer, approval)."""
         self._admits.add(_Pending(request, trace_id))
 
+    def submit_local(self, new: NewJob) -> asyncio.Future[SubmitOutcome]:
+        """A gateway in this process submits: decide first, then create and admit the job
+        in one script call (pipelined with the rest of the batch). No bus message. The
+        future holds what job_submit.lua would have answered."""
+        created: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
+        self._work.add(_Pending(new.request, new.job.trace_id, new=new, created=created))
+        return created
+
     # -- decisions --------------------------------------------------------------------
+
+    async def _attach_effective_config(self, batch: list[_Pending]) -> None:
+        source = self.effective_config
+        if source is None:
+            return
+        # Once per distinct scope set in the batch; the service caches merges in memory.
+        found: dict[tuple[str, str, str, str], bytes] = {}
+        for p in batch:
+            scopes = config_scopes(p.request)
+            effective = found.get(scopes)
+            if effective is None:
+                effective = found[scopes] = (await source(*scopes))[0]
+            p.effective = effective
+
+    async def _decide_all(self, batch: list[_Pending]) -> None:
+        await self._attach_effective_config(batch)
+        if self._local_safety:
+            for p in batch:
+                p.decision = await self._decide(p)
+        else:
+            decisions = await asyncio.gather(*(self._decide(p) for p in batch))
+            for p, decision in zip(batch, decisions, strict=True):
+                p.decision = decision
 
     async def _decide(self, pending: _Pending) -> _Decision:
         try:
-            response = await self.safety.check(policy_request(pending.request))
+            response = await self.safety.check(policy_request(pending.request, pending.effective))
         except KernelUnavailable as exc:
             # Never a terminal deny: the job waits and asks again (upstream denied it).
             self._kernel_failures += 1
@@ -354,12 +432,12 @@ class Scheduler:
             max_concurrent=budgets.max_concurrent_jobs if budgets else 0,
         )
 
-    async def _admit_batch(self, batch: list[_Pending]) -> None:
-        decisions = await asyncio.gather(*(self._decide(p) for p in batch))
-        now = now_ms()
+    def _prepare(self, batch: list[_Pending], now: int) -> list[Admission]:
+        """Place the decided jobs and turn each decision into the admission to write."""
         workers = self.registry.workers()
-        for pending, decision in zip(batch, decisions, strict=True):
-            pending.decision = decision
+        for pending in batch:
+            decision = pending.decision
+            assert decision is not None
             if decision.kind == "require":
                 pending.hash = job_hash(pending.request)
                 # Placed too: an approved job is dispatched by the same admission.
@@ -369,21 +447,65 @@ class Scheduler:
                 if isinstance(pending.placement, Placement) and pending.placement.worker_id:
                     # Count it now, so the rest of the batch spreads over the workers.
                     self.registry.note_dispatch(pending.placement.worker_id)
-        admissions = [self._admission(p, now) for p in batch]
+        return [self._admission(p, now) for p in batch]
+
+    async def _admit_batch(self, batch: list[_Pending]) -> None:
+        await self._decide_all(batch)
+        now = now_ms()
+        admissions = self._prepare(batch, now)
         outcomes = await self.store.admit_many(admissions, now)
         missing: list[_Pending] = []
         for pending, admission, outcome in zip(batch, admissions, outcomes, strict=True):
             if outcome.kind == "missing":
                 missing.append(pending)
                 continue
-            # One job's failure (a publish on a closing connection) must not strand the
-            # rest of the batch, whose states are already written.
-            try:
-                await self._settle(pending, admission, outcome, now)
-            except Exception:
-                logger.exception("settling the admission of %s failed", pending.request.job_id)
+            await self._settle_safely(pending, admission, outcome, now)
         if missing:
             await self._intake(missing, now)
+
+    async def _work_batch(self, batch: list[_Pending | job_pb2.JobResult]) -> None:
+        creates = [item for item in batch if isinstance(item, _Pending)]
+        results = [item for item in batch if not isinstance(item, _Pending)]
+        completions = [self._completion(r) for r in results]
+        wanted = [self.events.wanted(c.job_id) for c in completions]
+        try:
+            await self._decide_all(creates)
+            now = now_ms()
+            admissions = self._prepare(creates, now)
+            items = []
+            for p, a in zip(creates, admissions, strict=True):
+                assert p.new is not None
+                items.append((p.new, a))
+            created, completed = await self.store.submit_admit_and_complete(
+                items, completions, now, wanted
+            )
+        except Exception as exc:
+            for p in creates:
+                if p.created is not None and not p.created.done():
+                    p.created.set_exception(exc)
+            if results:
+                # Unapplied results: the reconciler completes them from res:<id> later.
+                logger.exception("applying %d worker results failed", len(results))
+            return
+        for pending, admission, (outcome, admitted) in zip(
+            creates, admissions, created, strict=True
+        ):
+            if admitted is not None:
+                await self._settle_safely(pending, admission, admitted, now)
+            assert pending.created is not None
+            if not pending.created.done():
+                pending.created.set_result(outcome)
+        await self._announce_results(completions, completed)
+
+    async def _settle_safely(
+        self, pending: _Pending, admission: Admission, outcome: AdmitOutcome, now: int
+    ) -> None:
+        # One job's failure (a publish on a closing connection) must not strand the rest of
+        # the batch, whose states are already written.
+        try:
+            await self._settle(pending, admission, outcome, now)
+        except Exception:
+            logger.exception("settling the admission of %s failed", pending.request.job_id)
 
     async def _settle(
         self, pending: _Pending, admission: Admission, outcome: AdmitOutcome, now: int
@@ -461,6 +583,8 @@ class Scheduler:
             return
         request = job_pb2.JobRequest()
         request.CopyFrom(p.request)
+        if p.effective:
+            request.env[EFFECTIVE_CONFIG_ENV] = p.effective.decode()
         response = p.decision.response if p.decision else None
         if response is not None and response.HasField("constraints"):
             _apply_constraints(request, response.constraints)
@@ -478,7 +602,7 @@ class Scheduler:
             trace_id=p.trace_id or request.job_id,
             job_request=request,
         )
-        await self.nats.publish(placement.subject, cap.encode(packet))
+        await self.out.publish(placement.subject, cap.encode(packet))
         await self.events.publish(
             request.job_id, "DISPATCHED", f"attempt {attempt} on {placement.subject}"
         )
@@ -494,34 +618,38 @@ class Scheduler:
             worker_id=self.config.sender_id,
         )
         packet = cap.envelope(sender_id=self.config.sender_id, trace_id=job_id, job_result=result)
-        await self.nats.publish(self.subjects.dlq, cap.encode(packet))
+        await self.out.publish(self.subjects.dlq, cap.encode(packet))
 
     # -- results ----------------------------------------------------------------------
 
+    def _completion(self, r: job_pb2.JobResult) -> Completion:
+        state = _RESULT_STATES.get(r.status, "FAILED")
+        message = r.error_message
+        if r.status not in _RESULT_STATES:
+            message = f"unexpected status {_STATUS.Name(r.status)}: {message}"
+        never_retry = r.status == _STATUS.JOB_STATUS_FAILED_FATAL
+        return Completion(
+            job_id=r.job_id,
+            status=state,
+            result_ptr=r.result_ptr,
+            worker_id=r.worker_id,
+            execution_ms=r.execution_ms,
+            error_code=r.error_code,
+            error_message=message,
+            artifact_ptrs=list(r.artifact_ptrs),
+            backoff_base_ms=-1 if never_retry else self.config.retry_backoff_base_ms,
+            backoff_cap_ms=self.config.retry_backoff_cap_ms,
+        )
+
     async def _result_batch(self, batch: list[job_pb2.JobResult]) -> None:
-        completions = []
-        for r in batch:
-            state = _RESULT_STATES.get(r.status, "FAILED")
-            message = r.error_message
-            if r.status not in _RESULT_STATES:
-                message = f"unexpected status {_STATUS.Name(r.status)}: {message}"
-            never_retry = r.status == _STATUS.JOB_STATUS_FAILED_FATAL
-            completions.append(
-                Completion(
-                    job_id=r.job_id,
-                    status=state,
-                    result_ptr=r.result_ptr,
-                    worker_id=r.worker_id,
-                    execution_ms=r.execution_ms,
-                    error_code=r.error_code,
-                    error_message=message,
-                    artifact_ptrs=list(r.artifact_ptrs),
-                    backoff_base_ms=-1 if never_retry else self.config.retry_backoff_base_ms,
-                    backoff_cap_ms=self.config.retry_backoff_cap_ms,
-                )
-            )
-        now = now_ms()
-        outcomes = await self.store.complete_many(completions, now)
+        completions = [self._completion(r) for r in batch]
+        wanted = [self.events.wanted(c.job_id) for c in completions]
+        outcomes = await self.store.complete_many(completions, now_ms(), wanted)
+        await self._announce_results(completions, outcomes)
+
+    async def _announce_results(
+        self, completions: list[Completion], outcomes: list[CompleteOutcome]
+    ) -> None:
         for c, outcome in zip(completions, outcomes, strict=True):
             try:
                 await self._announce_result(c, outcome)
@@ -530,7 +658,13 @@ class Scheduler:
 
     async def _announce_result(self, c: Completion, outcome: CompleteOutcome) -> None:
         if outcome.kind == "done":
-            await self.events.publish(c.job_id, outcome.state, c.error_message)
+            await self.events.publish(
+                c.job_id,
+                outcome.state,
+                c.error_message,
+                record=outcome.record,
+                result=outcome.result,
+            )
             if outcome.state != "SUCCEEDED":
                 code = c.error_code or outcome.state.lower()
                 await self.publish_dlq(c.job_id, outcome.state, code, c.error_message)

@@ -25,6 +25,25 @@ API_PACKAGE = "cordum.v1"
 REPO_DESCRIPTOR = Path("gen/cordum/v1/cordum.binpb")
 WS_PATH = "/api/v1/stream"
 
+# The same default as the gRPC server's largest request (Settings.max_request_bytes).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Every method and header our REST API and WebSocket use, so browsers may send them.
+CORS_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+CORS_HEADERS = (
+    "Content-Type",
+    "Authorization",
+    "X-API-Key",
+    "Idempotency-Key",
+    "X-Idempotency-Key",
+    "X-Principal-Id",
+    "X-Requested-With",
+    "Sec-WebSocket-Protocol",
+)
+CORS_EXPOSE = ("grpc-status", "grpc-message", "x-request-id")
+CORS_MAX_AGE_S = 600
+# With no allowlist: pages served from this machine only (any port), as upstream did.
+LOOPBACK_ORIGIN = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?$"
+
 
 def packaged_descriptor() -> Path:
     """The descriptor set shipped inside the installed `cordum.v1` package."""
@@ -60,6 +79,10 @@ class EnvoyConfig:
     ports: EnvoyPorts = field(default_factory=EnvoyPorts)
     descriptor: Path = REPO_DESCRIPTOR
     services: tuple[str, ...] = ()
+    # CORDUM_ALLOWED_ORIGINS: exact origins, or `*` for any; empty: loopback origins only.
+    allowed_origins: tuple[str, ...] = ()
+    # Larger REST bodies get 413 before they reach the gateway.
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
     def render(self) -> str:
         return yaml.safe_dump(self.build(), sort_keys=False, width=100)
@@ -97,9 +120,19 @@ class EnvoyConfig:
                 "local_reply_config": _json_local_replies(),
                 "route_config": {
                     "name": "api",
-                    "virtual_hosts": [{"name": "api", "domains": ["*"], "routes": _routes()}],
+                    "virtual_hosts": [
+                        {
+                            "name": "api",
+                            "domains": ["*"],
+                            "routes": _routes(),
+                            "typed_per_filter_config": {
+                                "envoy.filters.http.cors": self._cors_policy()
+                            },
+                        }
+                    ],
                 },
-                "http_filters": [self._transcoder(), _router()],
+                # CORS first: it answers preflights before anything else sees them.
+                "http_filters": [_cors_filter(), self._transcoder(), _router()],
             },
         }
 
@@ -121,6 +154,8 @@ class EnvoyConfig:
                 },
                 # Ids in paths may contain `/` (schema ids, artifact pointers) sent as %2F.
                 "url_unescape_spec": "ALL_CHARACTERS",
+                # Larger bodies: 413 (JSON, through local_reply_config).
+                "max_request_body_size": self.max_request_bytes,
                 "print_options": {
                     "always_print_primitive_fields": True,
                     "preserve_proto_field_names": True,
@@ -128,6 +163,36 @@ class EnvoyConfig:
                 },
             },
         }
+
+    def _cors_policy(self) -> dict[str, Any]:
+        """An allowed origin gets the CORS headers (and its preflight a 200 from Envoy); a
+        refused one gets none, so the browser blocks the response; its preflight is
+        answered by Envoy too (never forwarded to the API)."""
+        origins = [o.strip() for o in self.allowed_origins if o.strip()]
+        if "*" in origins:
+            matchers: list[dict[str, Any]] = [{"safe_regex": {"regex": ".*"}}]
+        elif origins:
+            matchers = [{"exact": o} for o in origins]
+        else:
+            matchers = [{"safe_regex": {"regex": LOOPBACK_ORIGIN}}]
+        return {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+            "allow_origin_string_match": matchers,
+            "allow_methods": ", ".join(CORS_METHODS),
+            "allow_headers": ", ".join(CORS_HEADERS),
+            "expose_headers": ", ".join(CORS_EXPOSE),
+            "max_age": str(CORS_MAX_AGE_S),
+            # Keys travel in headers, never in cookies.
+            "allow_credentials": False,
+            "forward_not_matching_preflights": False,
+        }
+
+
+def _cors_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.cors",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+    }
 
 
 def _address(host: str, port: int) -> dict[str, Any]:

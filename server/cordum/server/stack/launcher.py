@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cordum.server.api.auth import StartupRefused, probe_key
 from cordum.server.stack.binaries import envoy_path, nats_server_path, valkey_server_path
 from cordum.server.stack.envoy_config import (
+    MAX_REQUEST_BYTES,
     EnvoyConfig,
     EnvoyPorts,
     api_services,
@@ -58,8 +61,13 @@ class StackSettings:
     worker_script: Path | None = None
     worker_id: str = "echo-worker"
     config_dir: Path = Path("config")
-    # Extra environment for cordum-server (e.g. CORDUM_API_KEYS).
+    # Extra environment for cordum-server (e.g. CORDUM_API_KEYS); it also inherits ours.
     server_env: dict[str, str] = field(default_factory=dict)
+    # CORS allowlist for Envoy (and the server's WebSocket bridge): exact origins or `*`;
+    # empty: loopback origins only.
+    allowed_origins: tuple[str, ...] = ()
+    # REST bodies larger than this get 413 from Envoy (the server gets the same limit).
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
     def ports(self) -> dict[str, int]:
         ports = {
@@ -149,9 +157,14 @@ class Stack:
             "CORDUM_WS_HOST": s.host,
             "CORDUM_WS_PORT": str(s.ws_port),
             "CORDUM_CONFIG_DIR": str(s.config_dir.resolve()),
+            "CORDUM_MAX_REQUEST_BYTES": str(s.max_request_bytes),
             **s.server_env,
         }
+        if s.allowed_origins:
+            env["CORDUM_ALLOWED_ORIGINS"] = ",".join(s.allowed_origins)
         grpc_target = f"{s.host}:{s.grpc_port}"
+        # With API keys configured, the worker probe below needs one.
+        key = probe_key({**os.environ, **env})
         self.services.append(
             start_python_service(
                 "cordum-server",
@@ -178,6 +191,8 @@ class Stack:
             ),
             descriptor=descriptor,
             services=tuple(api_services(descriptor)),
+            allowed_origins=tuple(s.allowed_origins),
+            max_request_bytes=s.max_request_bytes,
         )
         config_path.write_text(config.render())
         self.services.append(
@@ -199,7 +214,7 @@ class Stack:
                     [sys.executable, str(s.worker_script)],
                     env=worker_env,
                     log_path=logs / f"{s.worker_id}.log",
-                    ready=lambda: worker_registered(grpc_target, s.worker_id),
+                    ready=lambda: worker_registered(grpc_target, s.worker_id, api_key=key),
                 )
             )
 
@@ -254,13 +269,16 @@ def grpc_serving(target: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def worker_registered(target: str, worker_id: str, timeout: float = 0.5) -> bool:
+def worker_registered(
+    target: str, worker_id: str, timeout: float = 0.5, api_key: str | None = None
+) -> bool:
     from cordum.v1 import status_service_pb2, status_service_pb2_grpc
 
+    metadata = (("x-api-key", api_key),) if api_key else None
     try:
         with grpc.insecure_channel(target) as channel:
             reply = status_service_pb2_grpc.StatusServiceStub(channel).ListWorkers(
-                status_service_pb2.ListWorkersRequest(), timeout=timeout
+                status_service_pb2.ListWorkersRequest(), timeout=timeout, metadata=metadata
             )
         return any(w.worker_id == worker_id for w in reply.workers)
     except grpc.RpcError:
@@ -275,16 +293,34 @@ def http_ok(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def probe(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Health of each component of a running stack, from its state file."""
+def http_answers(url: str, timeout: float = 0.5) -> bool:
+    """The server behind `url` answered (a 401 without a key counts; 5xx does not)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status < 500
+    except urllib.error.HTTPError as error:
+        return error.code < 500
+    except OSError:
+        return False
+
+
+def probe(state: dict[str, Any], api_key: str | None = None) -> dict[str, dict[str, Any]]:
+    """Health of each component of a running stack, from its state file (`api_key`: for
+    the worker check when the stack requires keys)."""
     ep = state["endpoints"]
+    if api_key is None:
+        try:
+            api_key = probe_key(os.environ)
+        except StartupRefused:
+            api_key = None
     host, port = ep["nats"].removeprefix("nats://").rsplit(":", 1)
     rhost, rport = ep["redis"].removeprefix("redis://").rsplit("/", 1)[0].rsplit(":", 1)
     checks = {
         "nats-server": can_connect(host, int(port)),
         "valkey-server": can_connect(rhost, int(rport)),
         "cordum-server": grpc_serving(ep["grpc"]),
-        "envoy": http_ok(ep["envoy_admin"] + "/ready") and http_ok(ep["rest"] + "/api/v1/status"),
+        "envoy": http_ok(ep["envoy_admin"] + "/ready")
+        and http_answers(ep["rest"] + "/api/v1/status"),
     }
     result: dict[str, dict[str, Any]] = {}
     for comp in state["components"]:
@@ -292,7 +328,7 @@ def probe(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         alive = _pid_alive(comp["pid"])
         healthy = alive and checks.get(name, True)
         if name not in checks:  # the worker: registered with the gateway
-            healthy = alive and worker_registered(ep["grpc"], name)
+            healthy = alive and worker_registered(ep["grpc"], name, api_key=api_key)
         result[name] = {"pid": comp["pid"], "url": comp["url"], "healthy": healthy}
     return result
 

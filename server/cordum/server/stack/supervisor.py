@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,7 +31,10 @@ def supervise(stack: Stack, stop: threading.Event, *, poll_s: float = 0.5) -> st
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = StackSettings(**_decode(json.loads(sys.argv[1])))
+    raw = _decode(json.loads(sys.argv[1]))
+    # `cordumctl up --detach` passes the server's environment (API keys) out of argv.
+    raw["server_env"] = json.loads(os.environ.pop("CORDUM_STACK_SERVER_ENV", "{}"))
+    settings = StackSettings(**raw)
     stack = Stack(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -2,7 +2,10 @@
 
 Each state transition is ONE Lua script call (compare-and-set on the current state plus
 indexes, event log and DLQ entry), and callers on the hot path pipeline many calls into one
-round trip. Keys (all under the store's prefix):
+round trip. A job submitted through a gateway that runs with a scheduler costs two script
+calls in all (`submit_admit_many`: create + decide; `complete_many`: the result, which also
+returns the record to a caller waiting in this process), ~25 Redis commands (measured by
+`make bench`). Keys (all under the store's prefix):
 
   job:<id>                HASH  record (static part as a cordum.v1.Job, request as a
                                  JobRequest, dynamic fields flat); TTL = job TTL
@@ -28,11 +31,15 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
+from redis.exceptions import ResponseError
 
 from cordum.agent.v1 import job_pb2 as agent_job_pb2
+from cordum.sdk._fastredis import FastRedis, ReplyError
 from cordum.server.errors import invalid_field
 from cordum.server.stores import scripts
 from cordum.v1 import job_pb2
@@ -134,6 +141,10 @@ class CompleteOutcome:
     kind: str  # done | retry | ignored | unknown
     state: str = ""
     attempts: int = 0
+    # For kind == "done" when the record was asked for: the record after the change and the
+    # worker's output (res:<id>), read in the same script call.
+    record: JobRecord | None = None
+    result: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -210,19 +221,52 @@ class JobStore:
         self.redis = redis
         self.prefix = prefix
         self.limits = limits or StoreLimits()
+        # The hot-path script calls (submit, admit, complete) go through a lean connection
+        # of their own: ~15 µs of CPU per round trip instead of redis-py's ~100 (measured).
+        pool = redis.connection_pool
+        self._fast = FastRedis.like(
+            pool.connection_kwargs, tls=issubclass(pool.connection_class, SSLConnection)
+        )
         common = "jobs_common.lua"
         self._submit = scripts.load(redis, "job_submit.lua", common)
+        self._submit_admit = scripts.load(redis, "job_submit_admit.lua", common)
         self._admit = scripts.load(redis, "job_admit.lua", common)
         self._complete = scripts.load(redis, "job_complete.lua", common)
         self._transition = scripts.load(redis, "job_transition.lua", common)
         self._claim_due = scripts.load(redis, "jobs_claim_due.lua", common)
         self._scripts = [
             self._submit,
+            self._submit_admit,
             self._admit,
             self._complete,
             self._transition,
             self._claim_due,
         ]
+
+    async def aclose(self) -> None:
+        await self._fast.aclose()
+
+    async def _run_scripts(self, calls: list[tuple[scripts.LuaScript, list[object]]]) -> list[Any]:
+        """EVALSHA each call in one round trip on the lean connection. Calls that hit
+        NOSCRIPT (a restarted or flushed server) did not run: the scripts are loaded and
+        those calls repeated. Any other error is raised (the first one)."""
+        commands = [("EVALSHA", script.sha, 0, *args) for script, args in calls]
+        replies = await self._fast.execute(commands)
+        missing = [
+            i
+            for i, reply in enumerate(replies)
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+        ]
+        if missing:
+            for script in self._scripts:
+                await script.load()
+            again = await self._fast.execute([commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                raise ResponseError(str(reply))
+        return replies
 
     # -- keys -------------------------------------------------------------------------
 
@@ -238,108 +282,132 @@ class JobStore:
 
     # -- transitions (each one script call; batched calls share one round trip) ------------
 
+    def _submit_args(self, new: NewJob, now_ms: int) -> list[object]:
+        job = new.job
+        idem = (
+            self.idempotency_key(job.tenant_id, new.idempotency_key) if new.idempotency_key else ""
+        )
+        deadline_ms = job.deadline.ToMilliseconds() if job.HasField("deadline") else 0
+        return [
+            *self._common(job.id, now_ms),
+            new.ctx_key,
+            new.ctx_json,
+            job.SerializeToString(),
+            new.request.SerializeToString(),
+            job.tenant_id,
+            job.topic,
+            job.trace_id,
+            job.max_retries,
+            deadline_ms,
+            idem,
+            self.limits.idempotency_ttl_s,
+            job.parent_job_id,
+        ]
+
+    def _admit_args(self, a: Admission) -> list[object]:
+        """job_admit.lua's ARGV[6..22]."""
+        return [
+            a.decision,
+            a.decision_bytes,
+            a.job_hash,
+            a.snapshot,
+            a.worker_id,
+            a.subject,
+            a.max_retries_cap,
+            a.deadline_ms,
+            a.max_concurrent,
+            a.retry_after_ms,
+            a.reason,
+            self.limits.dlq_max,
+            self.limits.decision_limit,
+            a.fail_code,
+            a.approved,
+            a.approved_reason,
+            a.dispatcher,
+        ]
+
     async def submit_many(self, jobs: Sequence[NewJob], now_ms: int) -> list[SubmitOutcome]:
-        pipe = self.redis.pipeline(transaction=False)
-        for new in jobs:
-            job = new.job
-            idem = (
-                self.idempotency_key(job.tenant_id, new.idempotency_key)
-                if new.idempotency_key
-                else ""
-            )
-            deadline_ms = job.deadline.ToMilliseconds() if job.HasField("deadline") else 0
-            await self._submit(
-                args=[
-                    *self._common(job.id, now_ms),
-                    new.ctx_key,
-                    new.ctx_json,
-                    job.SerializeToString(),
-                    new.request.SerializeToString(),
-                    job.tenant_id,
-                    job.topic,
-                    job.trace_id,
-                    job.max_retries,
-                    deadline_ms,
-                    idem,
-                    self.limits.idempotency_ttl_s,
-                    job.parent_job_id,
-                ],
-                client=pipe,
-            )
-        replies = await scripts.execute(pipe, self._scripts)
+        replies = await self._run_scripts(
+            [(self._submit, self._submit_args(new, now_ms)) for new in jobs]
+        )
         return [
             SubmitOutcome(_s(r[0]), _s(r[1]) if len(r) > 1 else new.job.id)
             for r, new in zip(replies, jobs, strict=True)
         ]
 
+    async def submit_admit_many(
+        self, items: Sequence[tuple[NewJob, Admission]], now_ms: int
+    ) -> list[tuple[SubmitOutcome, AdmitOutcome | None]]:
+        """Create each job and apply its admission in one script call (gateway and scheduler
+        in one process). The admission is None when the job was not created (an idempotency
+        replay, or an id that exists): then nothing was written or admitted."""
+        created, _ = await self.submit_admit_and_complete(items, [], now_ms)
+        return created
+
     async def admit_many(self, admissions: Sequence[Admission], now_ms: int) -> list[AdmitOutcome]:
-        pipe = self.redis.pipeline(transaction=False)
-        for a in admissions:
-            await self._admit(
-                args=[
-                    *self._common(a.job_id, now_ms),
-                    a.decision,
-                    a.decision_bytes,
-                    a.job_hash,
-                    a.snapshot,
-                    a.worker_id,
-                    a.subject,
-                    a.max_retries_cap,
-                    a.deadline_ms,
-                    a.max_concurrent,
-                    a.retry_after_ms,
-                    a.reason,
-                    self.limits.dlq_max,
-                    self.limits.decision_limit,
-                    a.fail_code,
-                    a.approved,
-                    a.approved_reason,
-                    a.dispatcher,
-                ],
-                client=pipe,
-            )
-        outcomes = []
-        for reply in await scripts.execute(pipe, self._scripts):
-            kind = _s(reply[0])
-            if kind == "dispatched":
-                outcomes.append(
-                    AdmitOutcome(kind, int(reply[1]), int(reply[2]), max_retries=int(reply[3]))
-                )
-            else:
-                outcomes.append(AdmitOutcome(kind, detail=_s(reply[1]) if len(reply) > 1 else ""))
-        return outcomes
+        replies = await self._run_scripts(
+            [
+                (self._admit, self._common(a.job_id, now_ms) + self._admit_args(a))
+                for a in admissions
+            ]
+        )
+        return [_admit_outcome(reply) for reply in replies]
 
     async def complete_many(
-        self, completions: Sequence[Completion], now_ms: int
+        self,
+        completions: Sequence[Completion],
+        now_ms: int,
+        want_records: Sequence[bool] = (),
     ) -> list[CompleteOutcome]:
-        pipe = self.redis.pipeline(transaction=False)
-        for c in completions:
-            await self._complete(
-                args=[
-                    *self._common(c.job_id, now_ms),
-                    c.status,
-                    c.result_ptr,
-                    c.worker_id,
-                    c.execution_ms,
-                    c.error_code,
-                    c.error_message[:4000],
-                    json.dumps(list(c.artifact_ptrs)) if c.artifact_ptrs else "",
-                    f"res:{c.job_id}",
-                    self.limits.result_ttl_s,
-                    c.backoff_base_ms,
-                    self.limits.dlq_max,
-                    c.backoff_cap_ms,
-                ],
-                client=pipe,
-            )
-        outcomes = []
-        for reply in await scripts.execute(pipe, self._scripts):
-            kind = _s(reply[0])
-            if kind == "retry":
-                outcomes.append(CompleteOutcome(kind, "PENDING", int(reply[1])))
+        """Apply worker results. `want_records[i]`: a job that ends gets its record and
+        result back in the outcome (read by the same script call)."""
+        _, completed = await self.submit_admit_and_complete([], completions, now_ms, want_records)
+        return completed
+
+    async def submit_admit_and_complete(
+        self,
+        items: Sequence[tuple[NewJob, Admission]],
+        completions: Sequence[Completion],
+        now_ms: int,
+        want_records: Sequence[bool] = (),
+    ) -> tuple[list[tuple[SubmitOutcome, AdmitOutcome | None]], list[CompleteOutcome]]:
+        """`submit_admit_many` and `complete_many` in ONE round trip: a busy scheduler has
+        both kinds of work at once, and every round trip costs a write and a read syscall."""
+        calls = [
+            (self._submit_admit, self._submit_args(new, now_ms) + self._admit_args(admission))
+            for new, admission in items
+        ]
+        for i, c in enumerate(completions):
+            want = i < len(want_records) and want_records[i]
+            calls.append((self._complete, self._complete_args(c, now_ms, want)))
+        replies = await self._run_scripts(calls)
+        created: list[tuple[SubmitOutcome, AdmitOutcome | None]] = []
+        for reply, (new, _) in zip(replies, items, strict=False):
+            status = _s(reply[0])
+            if status != "ok":
+                job_id = _s(reply[1]) if len(reply) > 1 else new.job.id
+                created.append((SubmitOutcome(status, job_id), None))
             else:
-                outcomes.append(CompleteOutcome(kind, _s(reply[1]) if len(reply) > 1 else ""))
-        return outcomes
+                created.append((SubmitOutcome("ok", new.job.id), _admit_outcome(reply[1:])))
+        return created, [_complete_outcome(r) for r in replies[len(items) :]]
+
+    def _complete_args(self, c: Completion, now_ms: int, want_record: bool) -> list[object]:
+        return [
+            *self._common(c.job_id, now_ms),
+            c.status,
+            c.result_ptr,
+            c.worker_id,
+            c.execution_ms,
+            c.error_code,
+            c.error_message[:4000],
+            json.dumps(list(c.artifact_ptrs)) if c.artifact_ptrs else "",
+            f"res:{c.job_id}",
+            self.limits.result_ttl_s,
+            c.backoff_base_ms,
+            self.limits.dlq_max,
+            c.backoff_cap_ms,
+            "1" if want_record else "",
+        ]
 
     async def transition(
         self,
@@ -391,7 +459,9 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(self.job_key(job_id))
-        return [record_from_hash(raw) for raw in await pipe.execute()]
+        replies = await pipe.execute(raise_on_error=False)
+        # An id such as "<job>:events" names a job's sub-key (WRONGTYPE): not a job.
+        return [None if isinstance(raw, Exception) else record_from_hash(raw) for raw in replies]
 
     async def get_with_result(self, job_id: str) -> tuple[JobRecord | None, bytes | None]:
         """The record and the worker's output, in one round trip."""
@@ -528,6 +598,24 @@ class JobStore:
         page = rows[:page_size]
         token = _encode_token(page[-1][:2], query) if len(rows) > page_size else ""
         return JobPage([row[2] for row in page], token)
+
+
+def _admit_outcome(reply: Sequence[Any]) -> AdmitOutcome:
+    kind = _s(reply[0])
+    if kind == "dispatched":
+        return AdmitOutcome(kind, int(reply[1]), int(reply[2]), max_retries=int(reply[3]))
+    return AdmitOutcome(kind, detail=_s(reply[1]) if len(reply) > 1 else "")
+
+
+def _complete_outcome(reply: Sequence[Any]) -> CompleteOutcome:
+    kind = _s(reply[0])
+    if kind == "retry":
+        return CompleteOutcome(kind, "PENDING", int(reply[1]))
+    if kind == "done" and len(reply) > 2:
+        flat = reply[2]
+        raw = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+        return CompleteOutcome(kind, _s(reply[1]), record=record_from_hash(raw), result=reply[3])
+    return CompleteOutcome(kind, _s(reply[1]) if len(reply) > 1 else "")
 
 
 def _query_hash(query: str) -> str:

@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 from cordum.server.errors import FieldViolation
 from cordum.server.services.job_validation import (
     LABEL_KEY_RE,
+    MAX_LABELS,
     TENANT_RE,
     TOPIC_RE,
     parse_actor_type,
@@ -434,6 +435,12 @@ def _compile_step(sid: str, step: workflow_pb2.Step, where: str, v: _Checker) ->
         refuse("topic", "must look like `job.<name>[.<name>...]` (letters, digits, `_`, `-`)")
     if step.worker_id and not WORKER_ID_RE.match(step.worker_id):
         refuse("worker_id", "1-200 characters from [A-Za-z0-9._:-]")
+    # Route labels and meta labels become job labels: the job's limit applies here already,
+    # or the run would only fail when the step dispatches.
+    if len(step.route_labels) > MAX_LABELS:
+        refuse("route_labels", f"at most {MAX_LABELS} entries")
+    if step.HasField("meta") and len(step.meta.labels) > MAX_LABELS:
+        refuse("meta.labels", f"at most {MAX_LABELS} entries")
     for key, value in step.route_labels.items():
         if not LABEL_KEY_RE.match(key):
             refuse(f"route_labels[{key}]", "key: 1-100 characters from [A-Za-z0-9._/-]")

@@ -41,7 +41,7 @@ from nats.aio.subscription import Subscription
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
 from cordum.server.bus import Subjects
-from cordum.server.services.job_events import job_event
+from cordum.server.services.job_events import WORKFLOW_KIND, job_event
 from cordum.server.stores.jobs import ACTIVE, TERMINAL, JobStore, record_from_hash, state_name
 from cordum.server.workflows import dag
 from cordum.server.workflows.dag import JobOutcome, Plan
@@ -237,8 +237,17 @@ class Engine:
 
     async def start(self) -> None:
         queue = self.subjects.queue("workflow")
+        # Only what a run acts on: step jobs' terminal and approval events (their own
+        # subjects), plus the bare subject of publishers that do not classify events.
+        subjects = [
+            self.subjects.job_event(WORKFLOW_KIND, state)
+            for state in (*sorted(TERMINAL), "APPROVAL_REQUIRED")
+        ]
         self._subs = [
-            await self.nats.subscribe(self.subjects.job_events, queue=queue, cb=self._on_job_event),
+            *[
+                await self.nats.subscribe(subject, queue=queue, cb=self._on_job_event)
+                for subject in [*subjects, self.subjects.job_events]
+            ],
             await self.nats.subscribe(
                 advance_subject(self.subjects), queue=queue, cb=self._on_advance
             ),

@@ -27,9 +27,16 @@ from cordum.server.errors import (
     not_found,
 )
 from cordum.server.services.caller import Caller
-from cordum.server.services.job_validation import LABEL_KEY_RE, TENANT_RE
+from cordum.server.services.job_validation import (
+    LABEL_KEY_RE,
+    TENANT_RE,
+    check_id,
+    check_tenant_filter,
+)
 from cordum.server.workflows import dag
 from cordum.server.workflows.definition import (
+    STEP_ID_RE,
+    WORKFLOW_ID_RE,
     CompiledWorkflow,
     SchemaLookup,
     compile_workflow,
@@ -101,7 +108,8 @@ class WorkflowService:
         candidate.CopyFrom(wf)
         candidate.id = candidate.id.strip() or "candidate"
         _set_step_ids(candidate)
-        problems = _tenant_problems(candidate.org_id, caller)
+        caller.check_tenant(candidate.org_id, "org_id")
+        problems = _tenant_problems(candidate.org_id)
         compiled, more = await validate_workflow(candidate, self.schemas)
         return compiled, problems + more
 
@@ -109,6 +117,7 @@ class WorkflowService:
         """Create or replace (upstream's POST upserts: empty top-level fields keep the stored
         value; steps are always replaced). Invalid → every problem listed, nothing stored."""
         workflow_id = wf.id.strip() or str(uuid.uuid4())
+        caller.check_tenant(wf.org_id, "org_id")
         for _ in range(CAS_ATTEMPTS):
             found = await self.store.get_workflow(workflow_id)
             if found is not None and not caller.can_see(found[1]):
@@ -116,7 +125,7 @@ class WorkflowService:
             new = workflow_pb2.Workflow()
             new.CopyFrom(wf)
             new.id = workflow_id
-            problems = _tenant_problems(new.org_id, caller)
+            problems = _tenant_problems(new.org_id)
             stored = found[0] if found is not None else None
             if stored is not None:
                 _merge(new, stored)
@@ -143,8 +152,7 @@ class WorkflowService:
         )
 
     async def get(self, workflow_id: str, caller: Caller) -> workflow_pb2.Workflow:
-        if not workflow_id:
-            raise invalid_field("workflow_id", "required")
+        check_id(workflow_id, "workflow_id", WORKFLOW_ID_RE)
         found = await self.store.get_workflow(workflow_id)
         if found is None or not caller.can_see(found[1]):
             raise _workflow_not_found(workflow_id)
@@ -153,8 +161,8 @@ class WorkflowService:
     async def list(
         self, org_id: str, size: int, token: str, caller: Caller
     ) -> tuple[list[workflow_pb2.Workflow], str]:
-        if org_id and caller.tenant and org_id != caller.tenant:
-            raise invalid_field("org_id", "differs from the caller's tenant")
+        caller.check_tenant(org_id, "org_id")
+        check_tenant_filter(org_id, "org_id")
         tenant = caller.tenant_for(org_id)
         page = await self.store.list_workflows(tenant, page_size(size), token)
         found = await self.store.get_workflows(page.ids)
@@ -166,10 +174,8 @@ class WorkflowService:
         await self.store.delete_workflow(workflow_id)
 
 
-def _tenant_problems(org_id: str, caller: Caller) -> list[FieldViolation]:
+def _tenant_problems(org_id: str) -> list[FieldViolation]:
     problems = []
-    if org_id and caller.tenant and org_id != caller.tenant:
-        problems.append(FieldViolation("org_id", "differs from the caller's tenant"))
     if org_id and not TENANT_RE.match(org_id):
         problems.append(FieldViolation("org_id", "1-100 characters from [A-Za-z0-9._-]"))
     return problems
@@ -228,8 +234,7 @@ class RunService:
     # -- helpers ------------------------------------------------------------------------
 
     async def _load(self, run_id: str, caller: Caller) -> StoredRun:
-        if not run_id:
-            raise invalid_field("run_id", "required")
+        check_id(run_id, "run_id")
         stored = await self.store.load_run(run_id)
         if stored is None or not caller.can_see(stored.run.tenant_id):
             raise _run_not_found(run_id)
@@ -259,8 +264,8 @@ class RunService:
     async def start(
         self, req: run_service_pb2.StartRunRequest, caller: Caller, idem_header: str = ""
     ) -> Started:
-        if not req.workflow_id:
-            raise invalid_field("workflow_id", "required")
+        caller.check_tenant(req.org_id, "org_id")
+        check_tenant_filter(req.org_id, "org_id")
         wf = await self.workflows.get(req.workflow_id, caller)
         compiled = self.definitions.get(definition_key(wf))
         if compiled is None:
@@ -368,8 +373,10 @@ class RunService:
             if name not in R.RunStatus.keys() or name == "RUN_STATUS_UNSPECIFIED":  # noqa: SIM118
                 raise invalid_field("status", f"unknown run status {req.status!r}")
             status = name
-        if req.org_id and caller.tenant and req.org_id != caller.tenant:
-            raise invalid_field("org_id", "differs from the caller's tenant")
+        caller.check_tenant(req.org_id, "org_id")
+        check_tenant_filter(req.org_id, "org_id")
+        if req.workflow_id:
+            check_id(req.workflow_id, "workflow_id", WORKFLOW_ID_RE)
         tenant = caller.tenant_for(req.org_id)
         size = page_size(req.page_size)
         after = req.updated_after.ToMilliseconds() if req.HasField("updated_after") else 0
@@ -405,8 +412,8 @@ class RunService:
     async def timeline(
         self, run_id: str, size: int, token: str, caller: Caller
     ) -> tuple[list[run_pb2.RunEvent], str]:
-        await self._load(run_id, caller)
         count = page_size(size, default=200, limit=MAX_TIMELINE_PAGE)
+        await self._load(run_id, caller)
         try:
             start = int(token) if token else 1
         except ValueError as exc:
@@ -459,6 +466,8 @@ class RunService:
     async def cancel(
         self, run_id: str, workflow_id: str, reason: str, caller: Caller
     ) -> run_pb2.Run:
+        if workflow_id:
+            check_id(workflow_id, "workflow_id", WORKFLOW_ID_RE)
         why = reason or f"cancelled by {caller.principal or 'request'}"
 
         def change(stored: StoredRun, compiled: CompiledWorkflow) -> dag.Plan | None:
@@ -479,8 +488,9 @@ class RunService:
         reason: str,
         caller: Caller,
     ) -> run_pb2.Run:
-        if not step_id:
-            raise invalid_field("step_id", "required")
+        check_id(step_id, "step_id", STEP_ID_RE)
+        if workflow_id:
+            check_id(workflow_id, "workflow_id", WORKFLOW_ID_RE)
 
         def change(stored: StoredRun, compiled: CompiledWorkflow) -> dag.Plan | None:
             self._check_workflow(stored, workflow_id)
@@ -632,11 +642,13 @@ class RunService:
                 events, _ = page
                 if not events:
                     break
+                # Read after the page, so the run sent with an event is never older than it
+                # (a run that ends during the replay ends the stream with its final state).
+                stored = await self._load(run_id, caller)
                 view = dag.run_view(stored.run)
                 for event in events:
                     yield event, view
                     last = event.seq
-                stored = await self._load(run_id, caller)
             if stored.run.status in TERMINAL_RUN:
                 return
             while True:

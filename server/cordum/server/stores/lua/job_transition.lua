@@ -5,7 +5,8 @@
 -- Returns {'ok', previous_state, worker_id, subject, trace_id} | {'rejected', state} | {'missing'}
 local id, now, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local k = jkey(id)
-local f = redis.call('HMGET', k, 'state', 'tenant', 'worker_id', 'subject', 'trace_id')
+local f = redis.call('HMGET', k, 'state', 'tenant', 'worker_id', 'subject', 'trace_id',
+  'created_ms', 'deadline_ms')
 local state, tenant = f[1], f[2]
 if not state then return {'missing'} end
 local allowed = false
@@ -14,10 +15,11 @@ for s in string.gmatch(ARGV[6], '[^,]+') do
 end
 if not allowed then return {'rejected', state} end
 local to = ARGV[7]
-for i = 12, #ARGV, 2 do
-  redis.call('HSET', k, ARGV[i], ARGV[i + 1])
-end
+local extra = {}
+for i = 12, #ARGV do extra[#extra + 1] = ARGV[i] end
 if to == 'PENDING' then redis.call('SREM', P .. 'jobs:inflight:t:' .. tenant, id) end
-set_state(id, tenant, state, to, now, ARGV[8], limit, ttl)
+local J = {id = id, tenant = tenant, from = state, created = f[6],
+  deadline = (tonumber(f[7]) or 0) > 0}
+move(J, to, now, ARGV[8], limit, ttl, extra)
 if ARGV[9] ~= '' then dlq_add(id, now, ARGV[9], ARGV[10], ARGV[8], tonumber(ARGV[11])) end
 return {'ok', state, f[3] or '', f[4] or '', f[5] or ''}
