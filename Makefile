@@ -7,7 +7,7 @@ STAMP     := $(VENV)/.installed
 CG_STAMP  := $(CODEGEN)/.installed
 BUF       := tools/node_modules/.bin/buf
 
-.PHONY: install up test test-fast lint fmt proto proto-check bench clean envoy-validate
+.PHONY: install up test test-fast lint fmt proto proto-check bench chaos clean envoy-validate
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -62,6 +62,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Fault injection against `cordumctl up --replicas 2` (a few minutes; CHAOS_ARGS=--help).
+chaos: $(STAMP)
+	PYTHONPATH=tests $(BIN)/python -m chaos.run $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CODEGEN) .venv-cap tools/node_modules .pytest_cache

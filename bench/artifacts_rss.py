@@ -51,8 +51,13 @@ def piece(i: int) -> bytes:
 
 async def upload(pieces: int) -> AsyncIterator[A.UploadArtifactRequest]:
     yield A.UploadArtifactRequest(header=A.ArtifactUploadHeader(retention="short"))
+    digest = hashlib.sha256()
     for i in range(pieces):
+        digest.update(piece(i))
         yield A.UploadArtifactRequest(chunk=piece(i))
+    yield A.UploadArtifactRequest(
+        end=A.ArtifactUploadEnd(size_bytes=pieces * PIECE, sha256=digest.hexdigest())
+    )
 
 
 async def round_trip(app: App, mb: int) -> tuple[float, float, float]:

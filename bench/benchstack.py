@@ -196,6 +196,8 @@ class BenchStack:
     # process, `gateways` gateway processes sharing the gRPC port (SO_REUSEPORT).
     layout: str = "one"
     gateways: int = 1
+    # JetStream mode (README "Durability: NATS modes"): nats-server with JetStream on.
+    jetstream: bool = False
     server_env: dict[str, str] = field(default_factory=dict)
     services: list[RunningService] = field(default_factory=list)
     nats_url: str = ""
@@ -213,7 +215,7 @@ class BenchStack:
         self.nats = start_nats(
             data_dir=self.work_dir / "nats",
             log_path=logs / "nats.log",
-            jetstream=False,
+            jetstream=self.jetstream,
             monitor_port=0,
         )
         self.services.append(self.nats)
@@ -232,6 +234,7 @@ class BenchStack:
             "CORDUM_METRICS_PORT": "0",
             "CORDUM_WS_PORT": "0",
             "CORDUM_CONFIG_DIR": str(REPO / "config"),
+            "NATS_USE_JETSTREAM": "1" if self.jetstream else "0",
             **self.server_env,
         }
         target = self.grpc_target

@@ -203,7 +203,8 @@ def describe(args: argparse.Namespace, stack: BenchStack) -> None:
         for svc in stack.servers
     )
     out(
-        f"processes: nats-server pid {pid(stack.nats)}; valkey-server pid {pid(stack.valkey)} "
+        f"processes: nats-server pid {pid(stack.nats)}"
+        f"{' (JetStream mode)' if args.jetstream else ''}; valkey-server pid {pid(stack.valkey)} "
         f"(AOF {'off' if args.no_aof else 'on'}); {servers}; {args.workers} example worker(s) "
         f"x max_parallel {args.max_parallel} "
         f"({'asyncio' if args.no_worker_uvloop else 'uvloop'}); bench client pid {os.getpid()} "
@@ -471,6 +472,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--no-aof", action="store_true", help="valkey without its append-only file")
+    p.add_argument("--jetstream", action="store_true", help="NATS_USE_JETSTREAM=1 (durable)")
     p.add_argument("--pyspy", default="", help="dir: py-spy the server and a worker in [1]")
     p.add_argument("--pyspy-rate", type=int, default=250)
     p.add_argument("--keep", default="", help="dir for logs (default: a temp dir, removed)")
@@ -494,6 +496,7 @@ def main() -> int:
         aof=not args.no_aof,
         layout=args.layout,
         gateways=args.gateways,
+        jetstream=args.jetstream,
     )
     table = CpuTable()
     wires = WireTable()

@@ -13,6 +13,7 @@ option is given, and stops it afterwards.
 """
 
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -45,6 +46,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="use this Redis/Valkey server instead of starting valkey-server",
     )
+    group.addoption(
+        "--jetstream",
+        action="store_true",
+        help="run the apps the tests start in JetStream mode (sets CORDUM_USE_JETSTREAM=1), "
+        "e.g. `pytest tests/integration/test_jobs_*.py --jetstream`",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--jetstream"):
+        # Read by every Settings the tests build (and by the servers they spawn).
+        os.environ["CORDUM_USE_JETSTREAM"] = "1"
 
 
 @pytest.fixture(scope="session")

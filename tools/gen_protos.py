@@ -62,6 +62,8 @@ def generate(out: Path) -> None:
             "--openapi_opt=title=Cordum API,version=v1,package=cordum.v1",
             f"--openapi_out={api}",
             *api_files,
+            # Their messages describe the error details Envoy renders.
+            *ERROR_PROTOS,
         ]
     )
 

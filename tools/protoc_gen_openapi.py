@@ -7,11 +7,13 @@ replies, no auto_mapping (methods without a google.api.http rule are not exposed
 
     python -m grpc_tools.protoc -Iproto -Ithird_party \
         --plugin=protoc-gen-openapi=tools/protoc_gen_openapi.py \
-        --openapi_out=gen/cordum/v1 --openapi_opt=title=Cordum API,version=v1 <files>
+        --openapi_out=gen/cordum/v1 --openapi_opt=title=Cordum API,version=v1 <files> \
+        google/rpc/status.proto google/rpc/error_details.proto
 
-Request bodies/parameters use `<full.name>-Input` schemas (nothing required, int64 and enums
-in every form the JSON parser accepts); responses use `<full.name>` (fields without presence
+Request bodies/parameters use `<full.name>-Input` schemas (nothing required, int64 as string
+or number, enums by name or number); responses use `<full.name>` (fields without presence
 are always printed, hence required). `-` cannot occur in proto names, so the two never clash.
+The google.rpc error detail types in the run (error_details.proto) describe Status.details.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 # Importing annotations_pb2 registers the google.api.http extension, so MethodOptions in the
@@ -41,6 +44,8 @@ OUTPUT_FILE = "openapi.json"
 INPUT_SUFFIX = "-Input"
 SCHEMAS = "#/components/schemas/"
 STATUS, ANY, HTTP_ERROR = "google.rpc.Status", "google.protobuf.Any", "HttpError"
+ERROR_DETAIL, ERROR_PACKAGE, ENVOY_REPLY = "ErrorDetail", "google.rpc", "EnvoyLocalReply"
+TYPE_URL_PREFIX = "type.googleapis.com/"
 HTTP_VERBS = frozenset({"get", "put", "post", "delete", "patch", "head", "options", "trace"})
 DEFAULT_OPTIONS = {"title": "Cordum API", "version": "v1", "package": "cordum.v1"}
 
@@ -48,17 +53,31 @@ INT64_FORMATS = {
     **dict.fromkeys((FDP.TYPE_INT64, FDP.TYPE_SINT64, FDP.TYPE_SFIXED64), "int64"),
     **dict.fromkeys((FDP.TYPE_UINT64, FDP.TYPE_FIXED64), "uint64"),
 }
+INT64_BOUNDS = {"int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1)}
+INT64_PATTERNS = {"int64": "^-?[0-9]+$", "uint64": "^[0-9]+$"}
+INT32 = {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 2**31 - 1}
+UINT32 = {"type": "integer", "format": "uint32", "minimum": 0, "maximum": 2**32 - 1}
+FLOAT_MAX = 3.4028234663852886e38
+# Both ways: the printer writes non-finite floats as these strings, the parser reads them.
+NON_FINITE = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
+# Standard base64 with padding: what the printer writes (the parser also takes URL-safe).
+BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 SCALARS: dict[int, Schema] = {
-    FDP.TYPE_INT32: {"type": "integer", "format": "int32"},
-    FDP.TYPE_SINT32: {"type": "integer", "format": "int32"},
-    FDP.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
-    FDP.TYPE_UINT32: {"type": "integer", "format": "uint32"},
-    FDP.TYPE_FIXED32: {"type": "integer", "format": "uint32"},
-    FDP.TYPE_FLOAT: {"type": "number", "format": "float"},
-    FDP.TYPE_DOUBLE: {"type": "number", "format": "double"},
+    FDP.TYPE_INT32: INT32,
+    FDP.TYPE_SINT32: INT32,
+    FDP.TYPE_SFIXED32: INT32,
+    FDP.TYPE_UINT32: UINT32,
+    FDP.TYPE_FIXED32: UINT32,
+    FDP.TYPE_FLOAT: {
+        "anyOf": [
+            {"type": "number", "format": "float", "minimum": -FLOAT_MAX, "maximum": FLOAT_MAX},
+            NON_FINITE,
+        ]
+    },
+    FDP.TYPE_DOUBLE: {"anyOf": [{"type": "number", "format": "double"}, NON_FINITE]},
     FDP.TYPE_BOOL: {"type": "boolean"},
     FDP.TYPE_STRING: {"type": "string"},
-    FDP.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
+    FDP.TYPE_BYTES: {"type": "string", "contentEncoding": "base64", "pattern": BASE64},
 }
 WRAPPERS = {  # google.protobuf.XValue -> the scalar it wraps
     f".google.protobuf.{name}Value": getattr(FDP, f"TYPE_{name.upper()}")
@@ -75,7 +94,7 @@ WKT_SCHEMAS: dict[str, Schema] = {
     ".google.protobuf.Struct": {"type": "object", "additionalProperties": True},
     ".google.protobuf.Value": {},
     ".google.protobuf.ListValue": {"type": "array", "items": {}},
-    ".google.protobuf.Empty": {"type": "object"},
+    ".google.protobuf.Empty": {"type": "object", "additionalProperties": False},
 }
 # The transcoder binds only these message types from a single query/path string.
 QUERYABLE_WKT = frozenset(WRAPPERS) | {
@@ -94,10 +113,42 @@ ERROR_RESPONSES = {
     "429": ("TooManyRequests", "RESOURCE_EXHAUSTED or rate limited"),
     "503": ("ServiceUnavailable", "UNAVAILABLE, or upstream unreachable"),
 }
+# Where the gateway looks for an API key (server/cordum/server/api/auth.py).
+SECURITY_SCHEMES: dict[str, Schema] = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "ApiKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "api-key",
+        "description": "Upstream Cordum's header name for the same key.",
+    },
+    "Bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The API key as `Authorization: Bearer <key>`.",
+    },
+}
+INFO_DESCRIPTION = """\
+REST through Envoy's gRPC-JSON transcoder; the gRPC API (same port) is the source of truth.
+
+- Authentication: an API key in `X-API-Key`, `api-key` or `Authorization: Bearer`, when the \
+gateway has keys configured. This document (`GET /api/v1/openapi.json`) needs no key.
+- JSON: field names as in the protos (snake_case; lowerCamelCase is accepted on input), \
+64-bit integers as strings, enums by name, bytes as base64, Timestamp as RFC 3339, \
+Duration as seconds with an `s` suffix. Fields without presence are always printed. A \
+request body field the API does not know is ignored, an unknown query parameter refused.
+- Path parameters are percent-encoded, `/` inside a value (artifact pointers, schema and \
+bundle ids) as `%2F`.
+- Errors: a google.rpc.Status (`code` is the gRPC code, `details` holds google.rpc.ErrorInfo \
+and, for bad input, google.rpc.BadRequest naming each field), or, when Envoy answers \
+itself, `{code, message, details}` with the HTTP status as `code`.
+- Server streaming: server-sent events, one `data:` event per message.
+"""
 VAR_RE = re.compile(r"\{([^{}=]+)(?:=([^{}]+))?\}")
 SSE_DESCRIPTION = (
-    "Server-sent events: each streamed message is sent as `data: <JSON>` plus a blank line; "
-    "x-itemSchema describes <JSON>. An error before the first message is an ordinary JSON "
+    "Server-sent events: each streamed message is one event, `data: <JSON>` plus a blank "
+    "line (no `event:` or `id:` lines); the schema describes one event, its `data` holding "
+    "the message (contentSchema). An error before the first message is an ordinary JSON "
     "error response; a later one only ends the stream (grpc-status/grpc-message trailers)."
 )
 
@@ -202,11 +253,13 @@ def _has_presence(field: FDP, explicit: bool) -> bool:
 def scalar_schema(ftype: int, is_input: bool) -> Schema:
     if ftype in INT64_FORMATS:
         # The printer quotes 64-bit ints; the parser accepts strings and numbers.
-        return {
-            "type": ["string", "integer"] if is_input else "string",
-            "format": INT64_FORMATS[ftype],
-        }
-    return dict(SCALARS[ftype])
+        fmt = INT64_FORMATS[ftype]
+        schema: Schema = {"type": "string", "format": fmt, "pattern": INT64_PATTERNS[fmt]}
+        if is_input:
+            low, high = INT64_BOUNDS[fmt]
+            schema.update(type=["string", "integer"], minimum=low, maximum=high)
+        return schema
+    return copy.deepcopy(SCALARS[ftype])
 
 
 class SchemaBuilder:
@@ -237,6 +290,8 @@ class SchemaBuilder:
         """Schema for a message-typed value: well-known JSON forms inline, others by $ref."""
         if type_name in WRAPPERS:
             schema = scalar_schema(WRAPPERS[type_name], is_input)
+            if "anyOf" in schema:
+                return {"anyOf": [*schema["anyOf"], {"type": "null"}]}
             types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
             return {**schema, "type": [*types, "null"]}
         if type_name in WKT_SCHEMAS:
@@ -278,17 +333,25 @@ class SchemaBuilder:
             props[field.name] = prop
             if not is_input and not _has_presence(field, info.explicit_presence):
                 required.append(field.name)
-        schema: Schema = {"type": "object", "properties": props}
+        # Envoy prints only the fields its descriptor knows (and ignores others on input):
+        # no other property is part of the API.
+        schema: Schema = {"type": "object", "properties": props, "additionalProperties": False}
         if required:
             schema["required"] = required
-        doc = "\n\n".join(filter(None, [info.doc, *self._oneof_notes(info, exclude)]))
+        oneofs = self._oneofs(info, exclude)
+        pairs = [{"required": [a, b]} for _, members in oneofs for a, b in combinations(members, 2)]
+        if pairs:  # the parser rejects a second member of a oneof
+            schema["not"] = pairs[0] if len(pairs) == 1 else {"anyOf": pairs}
+        notes = [f"Oneof `{name}`: at most one of {', '.join(m)} is set." for name, m in oneofs]
+        doc = "\n\n".join(filter(None, [info.doc, *notes]))
         if doc:
             schema["description"] = doc
         return schema
 
     @staticmethod
-    def _oneof_notes(info: MessageInfo, exclude: frozenset[str]) -> list[str]:
-        notes = []
+    def _oneofs(info: MessageInfo, exclude: frozenset[str]) -> list[tuple[str, list[str]]]:
+        """Real (not proto3 optional) oneofs, none of whose members is excluded."""
+        oneofs = []
         for i, oneof in enumerate(info.proto.oneof_decl):
             members = [
                 f.name
@@ -296,14 +359,15 @@ class SchemaBuilder:
                 if f.HasField("oneof_index") and f.oneof_index == i and not f.proto3_optional
             ]
             if members and not set(members) & exclude:
-                notes.append(f"Oneof `{oneof.name}`: at most one of {', '.join(members)} is set.")
-        return notes
+                oneofs.append((oneof.name, members))
+        return oneofs
 
     def enum_schema(self, name: str, is_input: bool) -> Schema:
         info = self.index.enums[name]
         schema: Schema = {"type": "string", "enum": [v.name for v in info.proto.value]}
         if is_input:  # the parser also accepts the numeric value
-            schema = {"anyOf": [schema, {"type": "integer", "format": "int32"}]}
+            numbers = sorted({v.number for v in info.proto.value})
+            schema = {"anyOf": [schema, {"type": "integer", "format": "int32", "enum": numbers}]}
         values = [f"- `{k}`: {v}" for k, v in info.value_docs.items() if v]
         doc = "\n\n".join(filter(None, [info.doc, "\n".join(values)]))
         if doc:
@@ -434,12 +498,14 @@ def _responses(sb: SchemaBuilder, method: Method, rule: Rule) -> Schema:
     else:
         schema = sb.type_schema(method.output_type, False)
     if method.server_streaming:
-        # OAS 3.1 has no per-event schema; x-itemSchema anticipates OAS 3.2's itemSchema.
-        media = {"schema": {"type": "string"}, "x-itemSchema": schema}
-        ok = {"description": SSE_DESCRIPTION, "content": {"text/event-stream": media}}
+        # One event, as OAS 3.2 spells it in `itemSchema` and as SSE-aware 3.1 tools
+        # (schemathesis) read `schema` of text/event-stream.
+        data = {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+        event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+        ok = {"description": SSE_DESCRIPTION, "content": {"text/event-stream": {"schema": event}}}
     else:
         ok = {"description": "OK", "content": _json(schema)}
-    responses = {"200": ok, "default": {"$ref": "#/components/responses/Status"}}
+    responses = {"200": ok, "default": {"$ref": "#/components/responses/Error"}}
     for code, (name, _) in ERROR_RESPONSES.items():
         responses[code] = {"$ref": f"#/components/responses/{name}"}
     return responses
@@ -474,10 +540,10 @@ def build_operation(
     return path, verb, op
 
 
-def static_components() -> tuple[dict[str, Schema], dict[str, Schema]]:
-    """Error schemas/responses shared by every operation (not derived from the protos)."""
-    any_ref, details = {"$ref": SCHEMAS + ANY}, "Error details, as google.protobuf.Any."
+def static_components(sb: SchemaBuilder) -> tuple[dict[str, Schema], dict[str, Schema]]:
+    """Error schemas/responses shared by every operation (hand-written: Envoy's JSON forms)."""
     code = {"type": "integer", "format": "int32"}
+    details = {"type": "array", "items": {"$ref": SCHEMAS + ERROR_DETAIL}}
     schemas = {
         ANY: {
             "description": "google.protobuf.Any: the packed message's JSON plus its @type.",
@@ -486,42 +552,75 @@ def static_components() -> tuple[dict[str, Schema], dict[str, Schema]]:
             "properties": {"@type": {"type": "string", "description": "Type URL."}},
             "additionalProperties": True,
         },
+        ERROR_DETAIL: error_detail_schema(sb),
         STATUS: {
-            "description": "gRPC error as JSON (Envoy convert_grpc_status); the HTTP status "
+            "description": "A gRPC error as JSON (Envoy convert_grpc_status); the HTTP status "
             "follows Envoy's gRPC-to-HTTP mapping.",
             "type": "object",
             "required": ["code", "message", "details"],
             "properties": {
                 "code": {**code, "description": "gRPC status code (google.rpc.Code)."},
                 "message": {"type": "string"},
-                "details": {"type": "array", "items": any_ref, "description": details},
+                "details": {
+                    **details,
+                    "description": "Cordum errors carry a google.rpc.ErrorInfo (domain "
+                    "cordum.io, reason) and, for bad input, a google.rpc.BadRequest naming "
+                    "each offending field.",
+                },
             },
+            "additionalProperties": False,
         },
-        HTTP_ERROR: {
-            "description": "A google.rpc.Status from the backend or an Envoy local reply.",
+        ENVOY_REPLY: {
+            "description": "An error Envoy answers itself (no route, bad JSON, unknown query "
+            "parameter, body too large, gateway unreachable).",
             "type": "object",
             "required": ["code", "message"],
             "properties": {
-                "code": {**code, "description": "gRPC code (Status) or HTTP code (local reply)."},
+                "code": {**code, "description": "The HTTP status."},
                 "message": {"type": "string"},
-                "details": {
-                    "oneOf": [
-                        {"type": "array", "items": any_ref, "description": details},
-                        {"type": "string", "description": "Envoy response code details."},
-                    ]
-                },
+                "details": {"type": "string", "description": "Envoy's response code details."},
             },
+            "additionalProperties": False,
+        },
+        HTTP_ERROR: {
+            "description": "A google.rpc.Status from the gateway, or an Envoy local reply.",
+            "anyOf": [{"$ref": SCHEMAS + STATUS}, {"$ref": SCHEMAS + ENVOY_REPLY}],
         },
     }
     responses = {
-        "Status": {
-            "description": "Any other gRPC error.",
-            "content": _json({"$ref": SCHEMAS + STATUS}),
+        "Error": {
+            "description": "Any other error (e.g. 413 body too large, 500 INTERNAL, "
+            "501 UNIMPLEMENTED, 504 DEADLINE_EXCEEDED).",
+            "content": _json({"$ref": SCHEMAS + HTTP_ERROR}),
         }
     }
     for name, text in ERROR_RESPONSES.values():
         responses[name] = {"description": text, "content": _json({"$ref": SCHEMAS + HTTP_ERROR})}
     return schemas, responses
+
+
+def error_detail_schema(sb: SchemaBuilder) -> Schema:
+    """One element of Status.details: a google.rpc error detail type (ErrorInfo, BadRequest,
+    ...) with its @type, or any other packed message."""
+    types = sorted(
+        name
+        for name in sb.index.messages
+        if name.rpartition(".")[0] == f".{ERROR_PACKAGE}" and name != f".{STATUS}"
+    )
+    packed = []
+    for name in types:
+        schema = sb.message_schema(name, False)
+        url = TYPE_URL_PREFIX + name[1:]
+        schema["properties"] = {"@type": {"const": url}, **schema["properties"]}
+        schema["required"] = ["@type", *schema.get("required", [])]
+        packed.append(schema)
+    other: Schema = {"$ref": SCHEMAS + ANY}
+    if not packed:
+        return other
+    urls = [TYPE_URL_PREFIX + name[1:] for name in types]
+    # Other types fall back to Any; the known ones must match their own schema.
+    other["not"] = {"required": ["@type"], "properties": {"@type": {"enum": urls}}}
+    return {"anyOf": [*packed, other]}
 
 
 def parse_options(parameter: str) -> dict[str, str]:
@@ -557,19 +656,24 @@ def build_document(request: plugin_pb2.CodeGeneratorRequest, options: dict[str, 
                     if verb in paths.setdefault(path, {}):
                         raise PluginError(f"{verb.upper()} {path} is bound twice ({op_id})")
                     paths[path][verb] = op
-    schemas, responses = static_components()
+    schemas, responses = static_components(sb)
     return {
         "openapi": "3.1.0",
-        "info": {"title": options["title"], "version": options["version"]},
+        "info": {
+            "title": options["title"],
+            "version": options["version"],
+            "description": INFO_DESCRIPTION,
+        },
         "servers": [{"url": "/"}],
-        # The empty alternative: auth is optional while the gateway has no keys configured.
-        "security": [{"ApiKey": []}, {}],
+        # Any one of the key schemes; the empty alternative: a gateway with no keys
+        # configured is open.
+        "security": [{name: []} for name in SECURITY_SCHEMES] + [{}],
         "tags": sorted(tags, key=lambda tag: tag["name"]),  # independent of file order
         "paths": paths,
         "components": {
             "schemas": {**sb.drain(), **schemas},
             "responses": responses,
-            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "securitySchemes": SECURITY_SCHEMES,
         },
     }
 

@@ -429,7 +429,7 @@ def test_cordum_env_produces_the_intended_settings(monkeypatch: pytest.MonkeyPat
         if "safety" not in s.roles:
             assert s.safety_addr.startswith("cordum-safety:")
         assert s.redis_url == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0"
-        assert s.use_jetstream
+        assert s.use_jetstream and s.jetstream_replicas == 3
         # The server starts with these settings (it refuses a public bind without keys), and
         # a process without the kernel presents a key the kernel accepts for Check.
         edge = edge_from_settings(s)
@@ -513,17 +513,32 @@ def _transcoder(hcm: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def _openapi_body(hcm: dict[str, Any]) -> dict[str, Any]:
+    (route,) = [
+        r
+        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
+        if "filename" in r.get("direct_response", {}).get("body", {})
+    ]
+    return route["direct_response"]["body"]  # type: ignore[no-any-return]
+
+
+def _openapi_file(hcm: dict[str, Any]) -> str:
+    return str(_openapi_body(hcm)["filename"])
+
+
 def _image_descriptor() -> str:
     return _transcoder(_hcm(_envoy_bootstrap()))["proto_descriptor"]
 
 
 def test_envoy_configmap_passes_envoy_validate(tmp_path: Path) -> None:
-    # The descriptor lives in the image; validate against the repository's copy.
+    # The descriptor and the OpenAPI document next to it live in the image; validate against
+    # the repository's copies.
     text = _get("ConfigMap", "cordum-envoy")["data"]["envoy.yaml"]
     descriptor = _image_descriptor()
     assert descriptor in text
+    image_dir, repo_dir = str(Path(descriptor).parent), str((ROOT / REPO_DESCRIPTOR).parent)
     path = tmp_path / "envoy.yaml"
-    path.write_text(text.replace(descriptor, str(ROOT / REPO_DESCRIPTOR)), encoding="utf-8")
+    path.write_text(text.replace(image_dir + "/", repo_dir + "/"), encoding="utf-8")
     args = _get("Deployment", "cordum-envoy")["spec"]["template"]["spec"]["containers"][0]["args"]
     flags = [a for a in args if a not in ("--config-path", "/etc/envoy/envoy.yaml")]
     result = subprocess.run(
@@ -543,6 +558,10 @@ def test_envoy_configmap_matches_the_local_renderer() -> None:
     ours_hcm, local_hcm = _hcm(ours), _hcm(local)
     _transcoder(ours_hcm)["proto_descriptor"] = "DESCRIPTOR"
     _transcoder(local_hcm)["proto_descriptor"] = "DESCRIPTOR"
+    # The OpenAPI document Envoy serves sits next to the descriptor, in the image too.
+    assert _openapi_file(ours_hcm) == str(Path(_image_descriptor()).with_name("openapi.json"))
+    for hcm in (ours_hcm, local_hcm):
+        _openapi_body(hcm)["filename"] = "OPENAPI"
     assert ours_hcm == local_hcm
     local_clusters = {c["name"]: c for c in local["static_resources"]["clusters"]}
     ours_clusters = {c["name"]: c for c in ours["static_resources"]["clusters"]}
@@ -693,9 +712,10 @@ def test_dockerfile_builds_what_the_manifests_run() -> None:
     for w, c in _cordum_servers():
         assert _pod_spec(w)["securityContext"]["runAsUser"] == int(user[-1][0])
         assert c["args"] == ["run"]
-    # The lookups the image build runs to link the envoy binary and the descriptor work.
+    # The lookups the image build runs to link the envoy binary, the descriptor and the
+    # OpenAPI document Envoy serves work.
     snippets = re.findall(r"python -c '([^']+)'", text)
-    assert len(snippets) == 2
+    assert len(snippets) == 3
     for snippet in snippets:
         result = subprocess.run(
             [sys.executable, "-c", snippet], capture_output=True, text=True, check=False
@@ -786,7 +806,7 @@ def test_dashboard_queries_use_exported_metrics() -> None:
         missing = names - exported
         assert not missing, f"{panel['title']}: {sorted(missing)} not in metrics.py"
         used |= names
-    assert placeholders >= 4  # queue depths, reconciler actions, DLQ size, workflow runs
+    assert placeholders == 0  # every metric issue 7 asked for is exported and shown
     wanted = {
         "cordum_grpc_requests_total",
         "cordum_grpc_request_duration_seconds_bucket",
@@ -796,8 +816,48 @@ def test_dashboard_queries_use_exported_metrics() -> None:
         "cordum_jobs_transitions_total",
         "cordum_safety_decisions_total",
         "cordum_dispatch_latency_seconds_bucket",
+        "cordum_jobs_queue_depth",
+        "cordum_dlq_entries",
+        "cordum_reconciler_actions_total",
+        "cordum_workflow_runs_total",
+        "cordum_workflow_runs_active",
+        "cordum_context_builds_total",
+        "cordum_context_window_tokens_bucket",
     }
     assert wanted <= used, sorted(wanted - used)
+
+
+def _exported_labels() -> dict[str, set[str]]:
+    """Label names of every metric the server defines, under each of its sample names."""
+    labels: dict[str, set[str]] = {}
+    for metric in vars(Metrics(CollectorRegistry())).values():
+        names = getattr(metric, "_labelnames", None)
+        if names is None:
+            continue
+        base = metric._name  # prometheus_client keeps counters' names without _total
+        for suffix in ("", "_total", "_bucket", "_sum", "_count"):
+            labels[base + suffix] = set(names) | ({"le"} if suffix == "_bucket" else set())
+    return labels
+
+
+def test_dashboard_queries_use_exported_labels() -> None:
+    """Every label a query groups by or selects on belongs to a metric the query reads
+    (`instance` comes from Prometheus), so a renamed label cannot leave a panel empty."""
+    exported = _exported_labels()
+    for panel in _panels():
+        if panel["type"] == "row":
+            continue
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = set(re.findall(r"\bcordum_\w+", expr))
+            known = set().union(*(exported[n] for n in names)) | {"instance"}
+            used = {
+                label.strip()
+                for group in re.findall(r"\bby \(([^)]*)\)", expr)
+                for label in group.split(",")
+            }
+            used |= set(re.findall(r"[{,]\s*(\w+)\s*[=!]~?", expr))
+            assert used <= known, f"{panel['title']}: {sorted(used - known)} in {expr}"
 
 
 # --- documentation ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ gRPC health service answers natively and `GET /api/v1/status` answers through En
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 import httpx
 import pytest
@@ -130,6 +133,20 @@ def test_envoy_errors_are_json(stack: Stack) -> None:
     bad_query = httpx.get(rest + "/api/v1/status?bogus=1", timeout=5)
     assert bad_query.status_code == 400
     assert "bogus" in bad_query.json()["message"]
+
+
+def test_event_websocket_through_envoy(stack: Stack) -> None:
+    """`cordumctl up` wires the gateway's WebSocket bridge behind Envoy: the stream shows
+    the example worker's heartbeats (the stack has no keys: every tenant's view)."""
+
+    async def first_heartbeat() -> dict[str, Any]:
+        url = stack.endpoints().websocket + "?kinds=heartbeat"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            assert (await ws.receive_json(timeout=10))["kind"] == "stream_start"
+            return dict(await ws.receive_json(timeout=20))
+
+    event = asyncio.run(first_heartbeat())
+    assert event["packet"]["heartbeat"]["worker_id"] == stack.settings.worker_id
 
 
 def test_metrics_endpoint_serves_prometheus_text(stack: Stack) -> None:

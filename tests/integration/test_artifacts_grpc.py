@@ -252,6 +252,24 @@ async def test_bad_input_names_the_field_and_writes_nothing(
     assert set(field_violations(bad_header)) == {"header.retention"}
     nothing = await refused_upload(port, requests(A.ArtifactUploadHeader(), 0, 0))
     assert set(field_violations(nothing)) == {"chunk"}
+    # Only a closing `end` message that matches what arrived commits an upload: a client
+    # cancelled half-way never leaves a truncated artifact.
+    header, body = (
+        A.UploadArtifactRequest(header=A.ArtifactUploadHeader()),
+        list(requests(None, 2, 10)),
+    )
+    unfinished = await refused_upload(port, [header, *body[:-1]])
+    assert set(field_violations(unfinished)) == {"end"}
+    short = A.UploadArtifactRequest(end=A.ArtifactUploadEnd(size_bytes=21))
+    assert set(field_violations(await refused_upload(port, [header, *body[:-1], short]))) == {
+        "end.size_bytes"
+    }
+    tampered = A.UploadArtifactRequest(end=A.ArtifactUploadEnd(sha256="0" * 64))
+    assert set(field_violations(await refused_upload(port, [header, *body[:-1], tampered]))) == {
+        "end.sha256"
+    }
+    late = await refused_upload(port, [header, *body, A.UploadArtifactRequest(chunk=b"x")])
+    assert set(field_violations(late)) == {"end"}
 
     for ptr in ("", "redis://ctx:abc", "art:xyz", "s3://art:" + "0" * 32):
         wrong = await failure(artifacts.GetArtifact(A.GetArtifactRequest(artifact_ptr=ptr)))

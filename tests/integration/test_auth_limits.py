@@ -115,8 +115,6 @@ async def test_a_bad_id_is_invalid_argument_naming_the_field(
         pytest.skip(EXEMPT[(path, field)])
     error = await _call(channel, path, {**CONTEXT.get((path, field), {}), field: BAD})
     assert error is not None, f"{path} accepted {field}={BAD!r}"
-    if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-        pytest.skip(f"{path} is not served by this build yet")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
     violations = field_violations(error)
     assert any(

@@ -248,7 +248,7 @@ async def test_watch_follows_a_job_through_its_approval(
         watcher = asyncio.create_task(watch())
         await eventually(lambda: _ready(seen), what="the first watch event")
         await approvals(channel).ApproveJob(A.ApproveJobRequest(job_id=reply.job_id))
-        await asyncio.wait_for(watcher, 10)
+        await asyncio.wait_for(watcher, 30)
     assert seen == [
         state("APPROVAL_REQUIRED"),
         state("PENDING"),

@@ -34,6 +34,14 @@ async def upload(
     yield A.UploadArtifactRequest(header=header)
     for i in range(pieces):
         yield A.UploadArtifactRequest(chunk=piece(i, size))
+    yield end(pieces, size)
+
+
+def end(pieces: int, size: int) -> A.UploadArtifactRequest:
+    """The closing message of a complete upload of `pieces` pieces of `size` bytes."""
+    return A.UploadArtifactRequest(
+        end=A.ArtifactUploadEnd(size_bytes=pieces * size, sha256=digest_of(pieces, size))
+    )
 
 
 def requests(
@@ -44,6 +52,7 @@ def requests(
         yield A.UploadArtifactRequest(header=header)
     for i in range(pieces):
         yield A.UploadArtifactRequest(chunk=piece(i, size))
+    yield end(pieces, size)
 
 
 async def refused_upload(port: int, messages: Iterable[A.UploadArtifactRequest]) -> grpc.RpcError:

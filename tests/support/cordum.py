@@ -92,11 +92,16 @@ def app_settings(nats_url: str, redis_url: str, config_dir: Path, **overrides: A
         "redis_url": redis_url,
         "grpc_port": 0,
         "metrics_port": 0,
+        "ws_port": 0,
         "namespace": f"t{uuid.uuid4().hex[:8]}.",
         "config_dir": config_dir,
         "reconcile_interval_s": 0.2,
         "policy_watch_s": 0.1,
         "log_format": "text",
+        # JetStream mode (when on): small streams, since a session creates many (file stores
+        # reserve their max_bytes).
+        "jetstream_max_bytes": 16 * 1024 * 1024,
+        "jetstream_max_age_s": 3600.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -126,7 +131,7 @@ def start_envoy_for(
             listen_port=listen,
             admin_port=admin,
             grpc_port=app.grpc_port,
-            ws_port=app.settings.ws_port,
+            ws_port=app.ws_port,
         ),
         descriptor=descriptor,
         services=tuple(api_services(descriptor)),

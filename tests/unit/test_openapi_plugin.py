@@ -13,14 +13,23 @@ from typing import Any
 
 import pytest
 from google.api import annotations_pb2, http_pb2
-from google.protobuf import descriptor_pb2, timestamp_pb2
+from google.protobuf import descriptor_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.compiler import plugin_pb2
+from google.rpc import error_details_pb2
 from openapi_spec_validator import validate
 
 PLUGIN = Path(__file__).resolve().parents[2] / "tools" / "protoc_gen_openapi.py"
 FDP = descriptor_pb2.FieldDescriptorProto
 REP = FDP.LABEL_REPEATED
 SCHEMAS = "#/components/schemas/"
+INT64_IN = {
+    "type": ["string", "integer"],
+    "format": "int64",
+    "pattern": "^-?[0-9]+$",
+    "minimum": -(2**63),
+    "maximum": 2**63 - 1,
+}
+INT64_OUT = {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"}
 
 
 def _load_plugin() -> ModuleType:
@@ -235,7 +244,9 @@ def _schema(document: dict[str, Any], name: str) -> dict[str, Any]:
 def test_document_is_valid_openapi_31(document: dict[str, Any]) -> None:
     validate(document)
     assert document["openapi"] == "3.1.0"
-    assert document["info"] == {"title": "Probe API", "version": "9.9"}
+    info = document["info"]
+    assert (info["title"], info["version"]) == ("Probe API", "9.9")
+    assert "`GET /api/v1/openapi.json`) needs no key" in info["description"]
     assert document["servers"] == [{"url": "/"}]
 
 
@@ -286,7 +297,7 @@ def test_path_and_query_parameters(document: dict[str, Any]) -> None:
     assert listing["filter.since"]["schema"] == {"type": "string", "format": "date-time"}
     assert listing["filter.tags"]["style"] == "form"
     assert listing["filter.tags"]["explode"] is True
-    assert listing["ids"]["schema"]["items"] == {"type": ["string", "integer"], "format": "int64"}
+    assert listing["ids"]["schema"]["items"] == INT64_IN
     assert all(p["in"] == "query" for p in listing.values())
 
 
@@ -313,16 +324,23 @@ def test_request_bodies(document: dict[str, Any]) -> None:
 def test_response_schema_follows_envoy_print_options(document: dict[str, Any]) -> None:
     job = _schema(document, "cordum.v1.Job")
     props = job["properties"]
-    assert props["priority"] == {"type": "string", "format": "int64"}
-    assert props["worker"] == {"type": "string", "format": "uint64"}
+    assert props["priority"] == INT64_OUT
+    assert props["worker"] == {"type": "string", "format": "uint64", "pattern": "^[0-9]+$"}
     assert props["state"] == {"$ref": SCHEMAS + "cordum.v1.JobState"}
     assert props["created_at"] == {"type": "string", "format": "date-time"}
     assert props["labels"] == {"type": "object", "additionalProperties": {"type": "string"}}
     assert props["tags"] == {"type": "array", "items": {"type": "string"}}
-    assert props["payload"] == {"type": "string", "contentEncoding": "base64"}
+    assert props["payload"] == {
+        "type": "string",
+        "contentEncoding": "base64",
+        "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$",
+    }
     assert props["parent"] == {"$ref": SCHEMAS + "cordum.v1.Job"}
     # always_print_primitive_fields: fields without presence are always printed.
     assert job["required"] == ["job_id", "priority", "state", "labels", "tags", "payload"]
+    # The printer knows no other fields; the oneof prints one member at most.
+    assert job["additionalProperties"] is False
+    assert job["not"] == {"required": ["topic", "worker"]}
     assert _schema(document, "cordum.v1.JobState") == {
         "type": "string",
         "enum": ["JOB_STATE_UNSPECIFIED", "JOB_STATE_RUNNING"],
@@ -336,21 +354,51 @@ def test_response_schema_follows_envoy_print_options(document: dict[str, Any]) -
 def test_request_schemas_accept_what_the_json_parser_accepts(document: dict[str, Any]) -> None:
     job = _schema(document, "cordum.v1.Job-Input")
     assert "required" not in job
-    assert job["properties"]["priority"] == {"type": ["string", "integer"], "format": "int64"}
+    assert job["additionalProperties"] is False
+    # The parser rejects a second member of a oneof.
+    assert job["not"] == {"required": ["topic", "worker"]}
+    assert job["properties"]["priority"] == INT64_IN
     assert job["properties"]["parent"] == {"$ref": SCHEMAS + "cordum.v1.Job-Input"}
     state = _schema(document, "cordum.v1.JobState-Input")
-    assert {"type": "integer", "format": "int32"} in state["anyOf"]
+    assert {"type": "integer", "format": "int32", "enum": [0, 1]} in state["anyOf"]
+
+
+@pytest.mark.parametrize("is_input", [True, False])
+def test_number_forms(plugin: ModuleType, is_input: bool) -> None:
+    non_finite = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
+    double = plugin.scalar_schema(FDP.TYPE_DOUBLE, is_input)
+    assert double == {"anyOf": [{"type": "number", "format": "double"}, non_finite]}
+    assert plugin.scalar_schema(FDP.TYPE_FLOAT, is_input)["anyOf"][0]["maximum"] > 3.4e38
+    assert plugin.scalar_schema(FDP.TYPE_UINT32, is_input) == {
+        "type": "integer",
+        "format": "uint32",
+        "minimum": 0,
+        "maximum": 2**32 - 1,
+    }
+    assert plugin.scalar_schema(FDP.TYPE_SINT32, is_input)["minimum"] == -(2**31)
 
 
 @pytest.mark.parametrize(
     ("type_name", "is_input", "expected"),
     [
-        (".google.protobuf.Int64Value", False, {"type": ["string", "null"], "format": "int64"}),
+        (".google.protobuf.Int64Value", False, {**INT64_OUT, "type": ["string", "null"]}),
         (
             ".google.protobuf.Int64Value",
             True,
-            {"type": ["string", "integer", "null"], "format": "int64"},
+            {**INT64_IN, "type": ["string", "integer", "null"]},
         ),
+        (
+            ".google.protobuf.DoubleValue",
+            False,
+            {
+                "anyOf": [
+                    {"type": "number", "format": "double"},
+                    {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]},
+                    {"type": "null"},
+                ]
+            },
+        ),
+        (".google.protobuf.Empty", True, {"type": "object", "additionalProperties": False}),
         (".google.protobuf.BoolValue", False, {"type": ["boolean", "null"]}),
         (
             ".google.protobuf.Duration",
@@ -375,8 +423,18 @@ def test_well_known_types_use_their_json_forms(
 def test_server_streaming_is_sse(document: dict[str, Any]) -> None:
     ok = _op(document, "/api/v1/tenants/{tenant}/jobs:watch", "get")["responses"]["200"]
     assert list(ok["content"]) == ["text/event-stream"]
-    media = ok["content"]["text/event-stream"]
-    assert media["x-itemSchema"] == {"$ref": SCHEMAS + "cordum.v1.Job"}
+    # One event; its data is the message's JSON.
+    assert ok["content"]["text/event-stream"]["schema"] == {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": SCHEMAS + "cordum.v1.Job"},
+            }
+        },
+    }
     unary = _op(document, "/api/v1/jobs/{job_id}", "get")["responses"]["200"]
     assert unary["content"] == {"application/json": {"schema": {"$ref": SCHEMAS + "cordum.v1.Job"}}}
 
@@ -385,28 +443,57 @@ def test_error_responses(document: dict[str, Any]) -> None:
     responses = _op(document, "/api/v1/jobs", "get")["responses"]
     assert set(responses) == {"200", "400", "401", "403", "404", "409", "429", "503", "default"}
     shared = document["components"]["responses"]
-    default = shared[responses["default"]["$ref"].rsplit("/", 1)[1]]
-    assert default["content"]["application/json"]["schema"] == {
-        "$ref": SCHEMAS + "google.rpc.Status"
-    }
-    not_found = shared[responses["404"]["$ref"].rsplit("/", 1)[1]]
-    assert not_found["content"]["application/json"]["schema"] == {"$ref": SCHEMAS + "HttpError"}
+    for response in responses.values():
+        if "$ref" in response:
+            named = shared[response["$ref"].rsplit("/", 1)[1]]
+            assert named["content"]["application/json"]["schema"] == {"$ref": SCHEMAS + "HttpError"}
 
+    either = _schema(document, "HttpError")["anyOf"]
+    assert either == [
+        {"$ref": SCHEMAS + "google.rpc.Status"},
+        {"$ref": SCHEMAS + "EnvoyLocalReply"},
+    ]
     status = _schema(document, "google.rpc.Status")
     assert status["required"] == ["code", "message", "details"]
-    assert status["properties"]["details"]["items"] == {"$ref": SCHEMAS + "google.protobuf.Any"}
+    assert status["properties"]["details"]["items"] == {"$ref": SCHEMAS + "ErrorDetail"}
+    local = _schema(document, "EnvoyLocalReply")
+    assert local["properties"]["details"] == {
+        "type": "string",
+        "description": "Envoy's response code details.",
+    }
+    # Without google/rpc/error_details.proto in the run, any packed message.
+    assert _schema(document, "ErrorDetail") == {"$ref": SCHEMAS + "google.protobuf.Any"}
     assert _schema(document, "google.protobuf.Any")["required"] == ["@type"]
-    details = _schema(document, "HttpError")["properties"]["details"]["oneOf"]
-    assert {d["type"] for d in details} == {"array", "string"}
+
+
+def test_error_details_when_their_protos_are_in_the_run(plugin: ModuleType) -> None:
+    request = _request()
+    for module in (duration_pb2, error_details_pb2):
+        module.DESCRIPTOR.CopyToProto(request.proto_file.add())
+    document = json.loads(plugin.generate(request).file[0].content)
+    validate(document)
+    detail = _schema(document, "ErrorDetail")["anyOf"]
+    by_type = {d["properties"]["@type"]["const"]: d for d in detail[:-1]}
+    url = "type.googleapis.com/google.rpc."
+    assert {url + "ErrorInfo", url + "BadRequest", url + "RetryInfo"} <= set(by_type)
+    info = by_type[url + "ErrorInfo"]
+    assert info["required"] == ["@type", "reason", "domain", "metadata"]
+    assert info["additionalProperties"] is False
+    assert by_type[url + "BadRequest"]["properties"]["field_violations"]["items"] == {
+        "$ref": SCHEMAS + "google.rpc.BadRequest.FieldViolation"
+    }
+    # Any other type: an Any whose @type is none of the known ones.
+    assert detail[-1]["$ref"] == SCHEMAS + "google.protobuf.Any"
+    assert set(detail[-1]["not"]["properties"]["@type"]["enum"]) == set(by_type)
 
 
 def test_api_key_security_is_optional(document: dict[str, Any]) -> None:
-    assert document["components"]["securitySchemes"]["ApiKey"] == {
-        "type": "apiKey",
-        "in": "header",
-        "name": "X-API-Key",
-    }
-    assert document["security"] == [{"ApiKey": []}, {}]
+    schemes = document["components"]["securitySchemes"]
+    # The headers the gateway reads a key from (server/cordum/server/api/auth.py).
+    assert schemes["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert (schemes["ApiKeyHeader"]["in"], schemes["ApiKeyHeader"]["name"]) == ("header", "api-key")
+    assert (schemes["Bearer"]["type"], schemes["Bearer"]["scheme"]) == ("http", "bearer")
+    assert document["security"] == [{"ApiKey": []}, {"ApiKeyHeader": []}, {"Bearer": []}, {}]
 
 
 def test_output_is_deterministic(plugin: ModuleType) -> None:
@@ -427,9 +514,7 @@ def test_package_option_selects_services(plugin: ModuleType) -> None:
     document = json.loads(response.file[0].content)
     assert list(document["paths"]) == ["/other/ping"]
     params = document["paths"]["/other/ping"]["get"]["parameters"]
-    assert params == [
-        {"name": "seq", "in": "query", "schema": {"type": ["string", "integer"], "format": "int64"}}
-    ]
+    assert params == [{"name": "seq", "in": "query", "schema": INT64_IN}]
     assert document["info"]["title"] == "Cordum API"
 
 

@@ -907,6 +907,27 @@ def test_cel_reads_mcp_and_secrets_flag() -> None:
     assert resp.rule_id == "mcp-and-secrets"
 
 
+def test_cel_reads_the_effective_config() -> None:
+    ps = policy_set(
+        """\
+        rules:
+          - id: over-budget
+            match:
+              cel: '"limits" in config && config.limits.max_cost < 5.0'
+            decision: deny
+            reason: over the configured budget
+        """
+    )
+    snapshot = {"version": "system:1|org:2", "hash": "h", "data": {"limits": {"max_cost": 2}}}
+    denied = decide(ps, effective_config=json.dumps(snapshot).encode())
+    assert (denied.rule_id, denied.decision) == ("over-budget", D.DECISION_TYPE_DENY)
+    # A bare document works too; no config at all (or one that is not JSON) is `{}`.
+    assert decide(ps, effective_config=b'{"limits": {"max_cost": 1}}').rule_id == "over-budget"
+    assert decide(ps, effective_config=b'{"limits": {"max_cost": 50}}').rule_id == ""
+    assert decide(ps).decision == D.DECISION_TYPE_ALLOW
+    assert decide(ps, effective_config=b"not json").decision == D.DECISION_TYPE_ALLOW
+
+
 def test_cel_evaluation_error_means_no_match_and_is_explained() -> None:
     ps = policy_set(CEL_POLICY)
     ev = explain(ps, labels={"env": "dev"})

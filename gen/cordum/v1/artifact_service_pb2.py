@@ -26,7 +26,7 @@ from cordum.v1 import artifact_pb2 as cordum_dot_v1_dot_artifact__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cordum/v1/artifact_service.proto\x12\tcordum.v1\x1a\x18\x63ordum/v1/artifact.proto\x1a\x1cgoogle/api/annotations.proto\"\xe3\x01\n\x12PutArtifactRequest\x12\x16\n\x0e\x63ontent_base64\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x11\n\tretention\x18\x04 \x01(\t\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).cordum.v1.PutArtifactRequest.LabelsEntry\x12\x11\n\tmax_bytes\x18\x06 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x13PutArtifactResponse\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12-\n\x08metadata\x18\x03 \x01(\x0b\x32\x1b.cordum.v1.ArtifactMetadata\"*\n\x12GetArtifactRequest\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\"r\n\x13GetArtifactResponse\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_base64\x18\x02 \x01(\x0c\x12-\n\x08metadata\x18\x03 \x01(\x0b\x32\x1b.cordum.v1.ArtifactMetadata\"c\n\x15UploadArtifactRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.cordum.v1.ArtifactUploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xbe\x01\n\x14\x41rtifactUploadHeader\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x11\n\tretention\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.cordum.v1.ArtifactUploadHeader.LabelsEntry\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x17\x44ownloadArtifactRequest\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"d\n\x18\x44ownloadArtifactResponse\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.cordum.v1.ArtifactMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"-\n\x15\x44\x65leteArtifactRequest\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteArtifactResponse\"=\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x15ListArtifactsResponse\x12&\n\tartifacts\x18\x01 \x03(\x0b\x32\x13.cordum.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf3\x05\n\x0f\x41rtifactService\x12j\n\x0bPutArtifact\x12\x1d.cordum.v1.PutArtifactRequest\x1a\x1e.cordum.v1.PutArtifactResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/api/v1/artifacts:\x01*\x12v\n\x0bGetArtifact\x12\x1d.cordum.v1.GetArtifactRequest\x1a\x1e.cordum.v1.GetArtifactResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /api/v1/artifacts/{artifact_ptr}\x12y\n\x0eUploadArtifact\x12 .cordum.v1.UploadArtifactRequest\x1a\x1e.cordum.v1.PutArtifactResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/api/v1/artifacts:upload:\x01*(\x01\x12\x90\x01\n\x10\x44ownloadArtifact\x12\".cordum.v1.DownloadArtifactRequest\x1a#.cordum.v1.DownloadArtifactResponse\"1\x82\xd3\xe4\x93\x02+\x12)/api/v1/artifacts/{artifact_ptr}:download0\x01\x12\x7f\n\x0e\x44\x65leteArtifact\x12 .cordum.v1.DeleteArtifactRequest\x1a!.cordum.v1.DeleteArtifactResponse\"(\x82\xd3\xe4\x93\x02\"* /api/v1/artifacts/{artifact_ptr}\x12m\n\rListArtifacts\x12\x1f.cordum.v1.ListArtifactsRequest\x1a .cordum.v1.ListArtifactsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/v1/artifactsB7Z5github.com/cordum-io/cordum-py/gen/cordum/v1;cordumv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cordum/v1/artifact_service.proto\x12\tcordum.v1\x1a\x18\x63ordum/v1/artifact.proto\x1a\x1cgoogle/api/annotations.proto\"\xe3\x01\n\x12PutArtifactRequest\x12\x16\n\x0e\x63ontent_base64\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x11\n\tretention\x18\x04 \x01(\t\x12\x39\n\x06labels\x18\x05 \x03(\x0b\x32).cordum.v1.PutArtifactRequest.LabelsEntry\x12\x11\n\tmax_bytes\x18\x06 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x13PutArtifactResponse\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12-\n\x08metadata\x18\x03 \x01(\x0b\x32\x1b.cordum.v1.ArtifactMetadata\"*\n\x12GetArtifactRequest\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\"r\n\x13GetArtifactResponse\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_base64\x18\x02 \x01(\x0c\x12-\n\x08metadata\x18\x03 \x01(\x0b\x32\x1b.cordum.v1.ArtifactMetadata\"\x90\x01\n\x15UploadArtifactRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.cordum.v1.ArtifactUploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12+\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1c.cordum.v1.ArtifactUploadEndH\x00\x42\x06\n\x04part\"7\n\x11\x41rtifactUploadEnd\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\xbe\x01\n\x14\x41rtifactUploadHeader\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x11\n\tretention\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.cordum.v1.ArtifactUploadHeader.LabelsEntry\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x17\x44ownloadArtifactRequest\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"d\n\x18\x44ownloadArtifactResponse\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.cordum.v1.ArtifactMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"-\n\x15\x44\x65leteArtifactRequest\x12\x14\n\x0c\x61rtifact_ptr\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteArtifactResponse\"=\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x15ListArtifactsResponse\x12&\n\tartifacts\x18\x01 \x03(\x0b\x32\x13.cordum.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf3\x05\n\x0f\x41rtifactService\x12j\n\x0bPutArtifact\x12\x1d.cordum.v1.PutArtifactRequest\x1a\x1e.cordum.v1.PutArtifactResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/api/v1/artifacts:\x01*\x12v\n\x0bGetArtifact\x12\x1d.cordum.v1.GetArtifactRequest\x1a\x1e.cordum.v1.GetArtifactResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /api/v1/artifacts/{artifact_ptr}\x12y\n\x0eUploadArtifact\x12 .cordum.v1.UploadArtifactRequest\x1a\x1e.cordum.v1.PutArtifactResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/api/v1/artifacts:upload:\x01*(\x01\x12\x90\x01\n\x10\x44ownloadArtifact\x12\".cordum.v1.DownloadArtifactRequest\x1a#.cordum.v1.DownloadArtifactResponse\"1\x82\xd3\xe4\x93\x02+\x12)/api/v1/artifacts/{artifact_ptr}:download0\x01\x12\x7f\n\x0e\x44\x65leteArtifact\x12 .cordum.v1.DeleteArtifactRequest\x1a!.cordum.v1.DeleteArtifactResponse\"(\x82\xd3\xe4\x93\x02\"* /api/v1/artifacts/{artifact_ptr}\x12m\n\rListArtifacts\x12\x1f.cordum.v1.ListArtifactsRequest\x1a .cordum.v1.ListArtifactsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/v1/artifactsB7Z5github.com/cordum-io/cordum-py/gen/cordum/v1;cordumv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,24 +60,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETARTIFACTREQUEST']._serialized_end=487
   _globals['_GETARTIFACTRESPONSE']._serialized_start=489
   _globals['_GETARTIFACTRESPONSE']._serialized_end=603
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=605
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=704
-  _globals['_ARTIFACTUPLOADHEADER']._serialized_start=707
-  _globals['_ARTIFACTUPLOADHEADER']._serialized_end=897
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=606
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=750
+  _globals['_ARTIFACTUPLOADEND']._serialized_start=752
+  _globals['_ARTIFACTUPLOADEND']._serialized_end=807
+  _globals['_ARTIFACTUPLOADHEADER']._serialized_start=810
+  _globals['_ARTIFACTUPLOADHEADER']._serialized_end=1000
   _globals['_ARTIFACTUPLOADHEADER_LABELSENTRY']._serialized_start=286
   _globals['_ARTIFACTUPLOADHEADER_LABELSENTRY']._serialized_end=331
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=899
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=966
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=968
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=1068
-  _globals['_DELETEARTIFACTREQUEST']._serialized_start=1070
-  _globals['_DELETEARTIFACTREQUEST']._serialized_end=1115
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=1117
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1141
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=1143
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1204
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1206
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1294
-  _globals['_ARTIFACTSERVICE']._serialized_start=1297
-  _globals['_ARTIFACTSERVICE']._serialized_end=2052
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1002
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1069
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=1071
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=1171
+  _globals['_DELETEARTIFACTREQUEST']._serialized_start=1173
+  _globals['_DELETEARTIFACTREQUEST']._serialized_end=1218
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=1220
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1244
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=1246
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1307
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1309
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1397
+  _globals['_ARTIFACTSERVICE']._serialized_start=1400
+  _globals['_ARTIFACTSERVICE']._serialized_end=2155
 # @@protoc_insertion_point(module_scope)

@@ -155,27 +155,59 @@ class UploadArtifactRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """Every following message."""
     @_builtins.property
     def header(self) -> Global___ArtifactUploadHeader:
         """First message."""
 
+    @_builtins.property
+    def end(self) -> Global___ArtifactUploadEnd:
+        """The last message: the upload is complete. Without it nothing is stored, so a client
+        that stops half-way (cancelled, crashed) never leaves a truncated artifact behind.
+        """
+
     def __init__(
         self,
         *,
         header: Global___ArtifactUploadHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        end: Global___ArtifactUploadEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "end", b"end", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "end", b"end", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "end"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___UploadArtifactRequest: _TypeAlias = UploadArtifactRequest  # noqa: Y015
+
+@_typing.final
+class ArtifactUploadEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    size_bytes: _builtins.int
+    """When set, the number of bytes sent; the upload is refused when the server got another."""
+    sha256: _builtins.str
+    """When set, the lowercase hex SHA-256 of the bytes sent; the upload is refused on mismatch."""
+    def __init__(
+        self,
+        *,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactUploadEnd: _TypeAlias = ArtifactUploadEnd  # noqa: Y015
 
 @_typing.final
 class ArtifactUploadHeader(_message.Message):

@@ -23,10 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from cordum.agent.v1 import buspacket_pb2 as cordum_dot_agent_dot_v1_dot_buspacket__pb2
+from cordum.v1 import job_pb2 as cordum_dot_v1_dot_job__pb2
+from cordum.v1 import run_pb2 as cordum_dot_v1_dot_run__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ordum/v1/event.proto\x12\tcordum.v1\x1a\x1f\x63ordum/agent/v1/buspacket.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc3\x01\n\x05\x45vent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\r\n\x05topic\x18\x06 \x01(\t\x12*\n\x06packet\x18\x07 \x01(\x0b\x32\x1a.cordum.agent.v1.BusPacket\x12\x0f\n\x07message\x18\x08 \x01(\tB7Z5github.com/cordum-io/cordum-py/gen/cordum/v1;cordumv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63ordum/v1/event.proto\x12\tcordum.v1\x1a\x1f\x63ordum/agent/v1/buspacket.proto\x1a\x13\x63ordum/v1/job.proto\x1a\x13\x63ordum/v1/run.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x02\n\x05\x45vent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\r\n\x05topic\x18\x06 \x01(\t\x12*\n\x06packet\x18\x07 \x01(\x0b\x32\x1a.cordum.agent.v1.BusPacket\x12\x0f\n\x07message\x18\x08 \x01(\t\x12&\n\tjob_event\x18\t \x01(\x0b\x32\x13.cordum.v1.JobEvent\x12&\n\trun_event\x18\n \x01(\x0b\x32\x13.cordum.v1.RunEventB7Z5github.com/cordum-io/cordum-py/gen/cordum/v1;cordumv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +36,6 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cordum.v1.event_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z5github.com/cordum-io/cordum-py/gen/cordum/v1;cordumv1'
-  _globals['_EVENT']._serialized_start=103
-  _globals['_EVENT']._serialized_end=298
+  _globals['_EVENT']._serialized_start=145
+  _globals['_EVENT']._serialized_end=420
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,8 @@ isort:skip_file
 """
 
 from cordum.agent.v1 import buspacket_pb2 as _buspacket_pb2
+from cordum.v1 import job_pb2 as _job_pb2
+from cordum.v1 import run_pb2 as _run_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -32,21 +34,40 @@ class Event(_message.Message):
     TOPIC_FIELD_NUMBER: _builtins.int
     PACKET_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    JOB_EVENT_FIELD_NUMBER: _builtins.int
+    RUN_EVENT_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
-    """The NATS subject it travelled on, e.g. `sys.job.result`."""
+    """The NATS subject it travelled on, e.g. `sys.job.result` (empty for `stream_start` and
+    `stream_end`, which the server makes up).
+    """
     kind: _builtins.str
-    """`job_request`, `job_result`, `job_progress`, `job_cancel`, `heartbeat`, `alert`,
-    `handshake`, or `stream_end` (the last event before the server closes the stream,
-    with the reason in `message`).
+    """What happened, one of:
+    - `stream_start`: the first event of every stream; events from here on are delivered;
+    - `job_state`: a job changed state (`job_event`; the same events WatchJob sends);
+    - `job_request`, `job_result`, `job_progress`, `job_cancel`: a CAP packet about a job
+      (`packet`): a submit, a worker's result (or a DLQ notice on `sys.job.dlq`), a worker's
+      progress report, a cancel request;
+    - `run_event`: a workflow run's timeline entry (`run_event`; what WatchRun sends);
+    - `alert`: a CAP SystemAlert (`packet`), from a workflow's notify step (`run_id` set) or
+      on `sys.alert`;
+    - `heartbeat`, `handshake`: a worker's CAP heartbeat or handshake (`packet`); they
+      belong to no tenant, so only keys for every tenant see them;
+    - `stream_end`: the last event before the server closes the stream, with the reason in
+      `message` (a client too slow to keep up, the server shutting down).
     """
     job_id: _builtins.str
     run_id: _builtins.str
     topic: _builtins.str
+    """The job's topic (for events about a job)."""
     message: _builtins.str
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def packet(self) -> _buspacket_pb2.BusPacket: ...
+    @_builtins.property
+    def job_event(self) -> _job_pb2.JobEvent: ...
+    @_builtins.property
+    def run_event(self) -> _run_pb2.RunEvent: ...
     def __init__(
         self,
         *,
@@ -58,10 +79,12 @@ class Event(_message.Message):
         topic: _builtins.str = ...,
         packet: _buspacket_pb2.BusPacket | None = ...,
         message: _builtins.str = ...,
+        job_event: _job_pb2.JobEvent | None = ...,
+        run_event: _run_pb2.RunEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["packet", b"packet", "received_at", b"received_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job_event", b"job_event", "packet", b"packet", "received_at", b"received_at", "run_event", b"run_event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "kind", b"kind", "message", b"message", "packet", b"packet", "received_at", b"received_at", "run_id", b"run_id", "subject", b"subject", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_event", b"job_event", "job_id", b"job_id", "kind", b"kind", "message", b"message", "packet", b"packet", "received_at", b"received_at", "run_event", b"run_event", "run_id", b"run_id", "subject", b"subject", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,12 +27,16 @@ class StreamEventsRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
-    """Only events for this job topic (glob, e.g. `job.*`)."""
+    """Only events about jobs whose topic matches this glob (e.g. `job.billing.*`)."""
     job_id: _builtins.str
+    """Only events about this job."""
     run_id: _builtins.str
+    """Only events about this workflow run (and its step jobs)."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these kinds (see Event.kind); default all."""
+        """Only events of these kinds (see Event.kind); default all. `stream_start` and
+        `stream_end` are always sent.
+        """
 
     def __init__(
         self,

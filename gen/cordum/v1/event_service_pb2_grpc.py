@@ -50,8 +50,9 @@ class EventServiceServicer(object):
     """
 
     def StreamEvents(self, request, context):
-        """Stream events as they happen. A client that cannot keep up is disconnected with a
-        `stream_end` event instead of slowing the bus.
+        """Stream events as they happen. A key bound to a tenant sees only that tenant's jobs and
+        runs. A client that cannot keep up is disconnected with a `stream_end` event instead
+        of slowing the bus.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,8 +37,9 @@ class EventServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EventServiceAsyncStub: ...
     StreamEvents: _grpc.UnaryStreamMultiCallable[_event_service_pb2.StreamEventsRequest, _event_pb2.Event]
-    """Stream events as they happen. A client that cannot keep up is disconnected with a
-    `stream_end` event instead of slowing the bus.
+    """Stream events as they happen. A key bound to a tenant sees only that tenant's jobs and
+    runs. A client that cannot keep up is disconnected with a `stream_end` event instead
+    of slowing the bus.
     """
 
 @_typing.type_check_only
@@ -49,8 +50,9 @@ class EventServiceAsyncStub(EventServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamEvents: _aio.UnaryStreamMultiCallable[_event_service_pb2.StreamEventsRequest, _event_pb2.Event]  # type: ignore[assignment]
-    """Stream events as they happen. A client that cannot keep up is disconnected with a
-    `stream_end` event instead of slowing the bus.
+    """Stream events as they happen. A key bound to a tenant sees only that tenant's jobs and
+    runs. A client that cannot keep up is disconnected with a `stream_end` event instead
+    of slowing the bus.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -64,8 +66,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _event_service_pb2.StreamEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_event_pb2.Event], _abc.AsyncIterator[_event_pb2.Event]]:
-        """Stream events as they happen. A client that cannot keep up is disconnected with a
-        `stream_end` event instead of slowing the bus.
+        """Stream events as they happen. A key bound to a tenant sees only that tenant's jobs and
+        runs. A client that cannot keep up is disconnected with a `stream_end` event instead
+        of slowing the bus.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

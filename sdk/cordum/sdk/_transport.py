@@ -6,7 +6,16 @@ classes, so every call gets the API key, the default deadline and typed errors t
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+import asyncio
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -68,6 +77,30 @@ class _Base:
 
     def _deadline(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, _Default) else timeout
+
+
+class _Requests:
+    """Remembers an error raised while producing a client stream's messages: gRPC only
+    reports it as a CANCELLED call, and the caller wants the error itself (a file that
+    could not be read, a generator that failed)."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    async def aiter(self, requests: AsyncIterable[Req]) -> AsyncGenerator[Req, None]:
+        try:
+            async for request in requests:
+                yield request
+        except Exception as error:
+            self.error = error
+            raise
+
+    def iter(self, requests: Iterable[Req]) -> Generator[Req, None, None]:
+        try:
+            yield from requests
+        except Exception as error:
+            self.error = error
+            raise
 
 
 class AioTransport(_Base):
@@ -135,6 +168,27 @@ class AioTransport(_Base):
             # A no-op once the stream has ended.
             call.cancel()
 
+    async def stream_unary(
+        self,
+        method: grpc.aio.StreamUnaryMultiCallable[Req, Resp],
+        requests: AsyncIterable[Req],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Resp:
+        """A client stream; ``timeout`` defaults to none (an upload takes what it takes)."""
+        produced = _Requests()
+        try:
+            return await method(produced.aiter(requests), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            if produced.error is not None:
+                raise produced.error from None
+            raise from_grpc_error(error) from error
+        except asyncio.CancelledError:
+            # grpc.aio ends a call whose request iterator failed as if it were cancelled.
+            if produced.error is not None:
+                raise produced.error from None
+            raise
+
     async def close(self) -> None:
         if self._channel is not None and self._owns_channel:
             await self._channel.close()
@@ -198,6 +252,21 @@ class SyncTransport(_Base):
             ) from error
         finally:
             call.cancel()
+
+    def stream_unary(
+        self,
+        method: grpc.StreamUnaryMultiCallable[Req, Resp],
+        requests: Iterable[Req],
+        *,
+        timeout: float | None = None,
+    ) -> Resp:
+        produced = _Requests()
+        try:
+            return method(produced.iter(requests), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            if produced.error is not None:
+                raise produced.error from None
+            raise from_grpc_error(error) from error
 
     def close(self) -> None:
         if self._owns_channel:

@@ -10,7 +10,8 @@
         run = await client.runs.wait(started.run_id)
 
 Namespaces: ``jobs``, ``approvals``, ``status``, ``workflows``, ``runs``, ``config``,
-``policy`` (with ``policy.bundles``) and ``schemas``.
+``policy`` (with ``policy.bundles``), ``schemas``, ``locks``, ``artifacts``, ``dlq``,
+``memory`` and ``context``.
 
 Calls raise the typed errors of :mod:`cordum.sdk.errors`.
 """
@@ -24,8 +25,13 @@ import grpc
 
 from cordum.sdk._transport import DEFAULT_TARGET, AioTransport, Metadata, SyncTransport
 from cordum.sdk.approvals import ApprovalsClient, AsyncApprovalsClient
+from cordum.sdk.artifacts import ArtifactsClient, AsyncArtifactsClient
 from cordum.sdk.config import AsyncConfigClient, ConfigClient
+from cordum.sdk.context import AsyncContextClient, ContextClient
+from cordum.sdk.dlq import AsyncDLQClient, DLQClient
 from cordum.sdk.jobs import AsyncJobsClient, JobsClient
+from cordum.sdk.locks import AsyncLocksClient, LocksClient
+from cordum.sdk.memory import AsyncMemoryClient, MemoryClient
 from cordum.sdk.policy import AsyncPolicyClient, PolicyClient
 from cordum.sdk.runs import AsyncRunsClient, RunsClient
 from cordum.sdk.schemas import AsyncSchemasClient, SchemasClient
@@ -66,6 +72,11 @@ class AsyncClient:
         self.config = AsyncConfigClient(self._transport)
         self.policy = AsyncPolicyClient(self._transport)
         self.schemas = AsyncSchemasClient(self._transport)
+        self.locks = AsyncLocksClient(self._transport)
+        self.artifacts = AsyncArtifactsClient(self._transport)
+        self.dlq = AsyncDLQClient(self._transport)
+        self.memory = AsyncMemoryClient(self._transport)
+        self.context = AsyncContextClient(self._transport)
 
     @property
     def target(self) -> str:
@@ -116,6 +127,11 @@ class Client:
         self.config = ConfigClient(self._transport)
         self.policy = PolicyClient(self._transport)
         self.schemas = SchemasClient(self._transport)
+        self.locks = LocksClient(self._transport)
+        self.artifacts = ArtifactsClient(self._transport)
+        self.dlq = DLQClient(self._transport)
+        self.memory = MemoryClient(self._transport)
+        self.context = ContextClient(self._transport)
 
     @property
     def target(self) -> str:

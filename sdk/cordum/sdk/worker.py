@@ -28,11 +28,17 @@ Additions over a CAP Agent (all wire-compatible, none needs control-plane suppor
   cancelled and the result is ``JOB_STATUS_TIMEOUT`` / ``deadline exceeded``.
 * A ``job_id`` already in flight on this worker is not run a second time.
 * Handlers may report progress on ``sys.job.progress`` (:meth:`JobContext.progress`).
-* After a NATS reconnect the handshake is announced again.
+* After a NATS reconnect the handshake (and a heartbeat) is announced again at once, and
+  reconnects are tried every 0.5 s (nats-py's default is 2 s): a restarted nats-server takes
+  the control plane back first, and dispatches published before the worker is back are lost
+  (the control plane re-queues them once heartbeats show the worker idle).
 * :meth:`Worker.stop` answers jobs that were delivered but never started with
   ``JOB_STATUS_FAILED_RETRYABLE`` / ``worker shutting down`` (they are safe to re-dispatch),
   and gives running jobs ``grace`` seconds; jobs still running after that are cancelled and
   reported the same way.
+* With ``opentelemetry-api`` installed, each job is a ``cordum.job.handle`` span continuing
+  the control plane's trace from the NATS headers (``traceparent``), sent on with the result
+  (see ``cordum.sdk._tracing``; pass ``tracer_provider`` or configure OTel's global one).
 * Handler exceptions are reported as CAP does, with the fixed text ``handler failed`` (the
   exception text never leaves the worker, it may hold secrets or user data), plus
   ``error_code`` = the exception class name. Raise :class:`JobFailed` to send a message on
@@ -62,6 +68,7 @@ from nats.aio.subscription import Subscription
 from cordum.agent.v1 import buspacket_pb2, handshake_pb2, heartbeat_pb2, job_pb2
 from cordum.sdk import cap
 from cordum.sdk._fastredis import FastRedis
+from cordum.sdk._tracing import WorkerTracing
 
 __all__ = ["Handler", "JobContext", "JobFailed", "Worker"]
 
@@ -74,6 +81,8 @@ Handler = Callable[["JobContext", Any], Any]
 """``(ctx, data) -> JSON-able value``; ``async def`` or plain (run in a thread)."""
 
 DEFAULT_MAX_BYTES: Final = 2 * 1024 * 1024
+# Seconds between NATS reconnect attempts.
+RECONNECT_WAIT_S: Final = 0.5
 SDK_NAME: Final = "cordum-python"
 
 
@@ -166,6 +175,8 @@ class _Job:
     interrupt: _Interrupt | None = None
     task: asyncio.Task[None] | None = None
     handler_task: asyncio.Task[Any] | None = None
+    # Its OpenTelemetry span (None without opentelemetry-api).
+    span: Any = None
 
     @property
     def request(self) -> job_pb2.JobRequest:
@@ -361,6 +372,7 @@ class Worker:
         max_context_bytes: int | None = DEFAULT_MAX_BYTES,
         max_result_bytes: int | None = DEFAULT_MAX_BYTES,
         result_ttl_s: int | None = None,
+        tracer_provider: Any | None = None,
     ) -> None:
         _check_subject_part("worker_id", worker_id)
         if max_parallel < 1:
@@ -383,6 +395,7 @@ class Worker:
         self._max_result_bytes = max_result_bytes
         self._result_ttl_s = result_ttl_s
         self._sdk_version = f"{SDK_NAME}/{_sdk_version()}"
+        self._tracing = WorkerTracing(tracer_provider, self._sdk_version)
 
         self._routes: dict[str, _Route] = {}
         self._jobs: dict[str, _Job] = {}
@@ -526,6 +539,8 @@ class Worker:
                     connect_timeout=self._io_timeout,
                     # A worker lives long: keep reconnecting instead of closing silently.
                     max_reconnect_attempts=-1,
+                    # Be back soon after the server: what is published to us meanwhile is lost.
+                    reconnect_time_wait=RECONNECT_WAIT_S,
                     drain_timeout=max(1, round(self._io_timeout)),
                     error_cb=self._on_nats_error,
                     disconnected_cb=self._on_nats_disconnected,
@@ -632,7 +647,7 @@ class Worker:
         # Like CAP, a topic subscription runs its own handler whatever request.topic says.
         packet = self._admit(msg)
         if packet is not None:
-            await self._accept(packet, route)
+            await self._accept(packet, route, msg.headers)
 
     async def _on_direct_message(self, msg: Msg) -> None:
         packet = self._admit(msg)
@@ -647,7 +662,7 @@ class Worker:
                 packet.job_request.job_id,
             )
             return
-        await self._accept(packet, route)
+        await self._accept(packet, route, msg.headers)
 
     async def _on_cancel_message(self, msg: Msg) -> None:
         try:
@@ -687,7 +702,12 @@ class Worker:
             return None
         return packet
 
-    async def _accept(self, packet: buspacket_pb2.BusPacket, route: _Route) -> None:
+    async def _accept(
+        self,
+        packet: buspacket_pb2.BusPacket,
+        route: _Route,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Take a slot and start the job; extra deliveries wait here, in the subscription."""
         job_id = packet.job_request.job_id
         if job_id in self._jobs:
@@ -696,6 +716,15 @@ class Worker:
             )
             return
         job = _Job(packet=packet, route=route)
+        job.span = self._tracing.start_job(
+            headers,
+            {
+                "cordum.job_id": job_id,
+                "cordum.trace_id": packet.trace_id,
+                "cordum.topic": packet.job_request.topic,
+                "cordum.worker_id": self._worker_id,
+            },
+        )
         self._jobs[job_id] = job
         try:
             got_slot = await self._slots.acquire(
@@ -706,13 +735,19 @@ class Worker:
             raise
         if not got_slot:
             job.stop_with(_SHUTDOWN)  # no-op when a cancel came first
-            await self._finish(job, self._interrupted_result(job, execution_ms=0))
+            with self._tracing.use(job.span):
+                await self._finish(job, self._interrupted_result(job, execution_ms=0))
             return
         job.task = self._spawn(self._run_job(job), name=f"cordum-job-{job_id}")
 
     # --- running a job ---
 
     async def _run_job(self, job: _Job) -> None:
+        # The span is current while the handler runs (its task copies this context).
+        with self._tracing.use(job.span):
+            await self._run_job_traced(job)
+
+    async def _run_job_traced(self, job: _Job) -> None:
         try:
             write: _Write | None = None
             try:
@@ -940,8 +975,14 @@ class Worker:
                             trace_id=item.job.packet.trace_id,
                             job_result=item.result,
                         )
+                        result, span = item.result, item.job.span
+                        if span is not None:
+                            status = job_pb2.JobStatus.Name(result.status)
+                            self._tracing.finish(span, status, result.error_message)
                         await nc.publish(
-                            cap.SUBJECT_RESULT, cap.encode(packet, signer=self._signer)
+                            cap.SUBJECT_RESULT,
+                            cap.encode(packet, signer=self._signer),
+                            headers=self._tracing.headers(span),
                         )
             except Exception as exc:
                 log.error(

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from cordum.agent.v1 import safety_pb2_grpc
+from cordum.agent.v1 import safety_pb2, safety_pb2_grpc
 from cordum.server.api.auth import Authenticator, edge_from_settings
 from cordum.server.api.interceptors import ErrorInterceptor
 from cordum.server.api.job_servicer import ApprovalServicer, JobServicer
@@ -29,15 +29,23 @@ from cordum.server.api.registry import (
     safety_kernel_service,
     unimplemented_handler,
 )
+from cordum.server.api.request_decoding import RequestDecodeInterceptor
 from cordum.server.api.status_servicer import StatusServicer
+from cordum.server.api.tracing_interceptor import TracingInterceptor
 from cordum.server.bus import Subjects
+from cordum.server.bus_trust import BusTrust
 from cordum.server.config_files import load_pools, load_timeouts
 from cordum.server.connections import open_nats, open_redis
+from cordum.server.inbound import Inbound
+from cordum.server.jetstream import DurablePublisher, JetStreamConfig, Streams, ensure_streams
 from cordum.server.metrics import Metrics, MetricsServer
 from cordum.server.safety.client import GrpcSafetyClient, LocalSafetyClient, SafetyClient
 from cordum.server.safety.kernel import SafetyKernel
 from cordum.server.safety.servicer import SafetyKernelServicer
+from cordum.server.sampled_gauges import job_gauges, workflow_gauges
 from cordum.server.services.approvals import ApprovalService
+from cordum.server.services.durable_intake import DurableIntake
+from cordum.server.services.event_streams import SHUTDOWN, EventStreams
 from cordum.server.services.job_events import JobEventHub, JobEventPublisher
 from cordum.server.services.jobs import JobService
 from cordum.server.services.reconciler import Reconciler
@@ -46,6 +54,7 @@ from cordum.server.services.status import StatusService
 from cordum.server.services.workers import WorkerRegistry
 from cordum.server.settings import Settings
 from cordum.server.stores.jobs import JobStore, StoreLimits
+from cordum.server.tracing import Tracing
 from cordum.v1 import (
     approval_service_pb2_grpc,
     job_service_pb2_grpc,
@@ -62,6 +71,8 @@ class App:
         self.settings = settings
         self.metrics_registry = CollectorRegistry()
         self.metrics = Metrics(self.metrics_registry)
+        # Replaced on start by the configured one (a no-op one until then, or when off).
+        self.tracing = Tracing()
         self.subjects = Subjects(settings.namespace)
         self.redis: Redis | None = None
         self.nats: NATS | None = None
@@ -72,6 +83,9 @@ class App:
         self.jobs: JobService | None = None
         self.grpc_port = settings.grpc_port
         self.metrics_port = settings.metrics_port
+        # The event streams (gateway role) and the WebSocket bridge's bound port.
+        self.events: EventStreams | None = None
+        self.ws_port = settings.ws_port
         self._stack = AsyncExitStack()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -104,22 +118,42 @@ class App:
         self.edge = edge_from_settings(s)
         # Shared with the WebSocket bridge: one key table for every way in.
         self.authenticator: Authenticator = self.edge.authenticator
+        # Our bus key and the senders we trust (bad keys fail the start); every subscription
+        # decodes through `self.inbound`, every publisher signs with its trust.
+        self.inbound = Inbound(BusTrust.from_settings(s), self.metrics)
+        # Deferred first, so it runs last: the spans of the whole shutdown get exported.
+        self.tracing = Tracing.from_settings(s)
+        self._defer(self.tracing.shutdown)
         self.redis = await open_redis(s.redis_url)
         self._defer(self.redis.aclose)
         self.nats = await open_nats(s.nats_url, name=f"cordum-{s.instance_id}")
         self._defer(self._drain_nats)
+        # JetStream mode: the durable subjects' streams exist before anything publishes.
+        self.jetstream: JetStreamConfig | None = None
+        if s.use_jetstream:
+            self.jetstream = JetStreamConfig.from_settings(s)
+            await ensure_streams(self.nats, Streams.of(self.subjects), self.jetstream)
 
-        metrics = MetricsServer(self.metrics_registry, s.metrics_host, s.metrics_port)
+        metrics = MetricsServer(
+            self.metrics_registry,
+            s.metrics_host,
+            s.metrics_port,
+            before_scrape=self.metrics.refresh,
+        )
         await metrics.start()
         self._defer(metrics.stop)
         self.metrics_port = metrics.bound_port
 
-        # Metrics outermost, so it sees the status the error interceptor sets.
+        # Metrics (and tracing) outside the error interceptor, so they see the status it sets.
+        tracing = [TracingInterceptor(self.tracing)] if self.tracing.enabled else []
         server = grpc.aio.server(
             interceptors=[
                 MetricsInterceptor(self.metrics),
+                *tracing,
                 ErrorInterceptor(),
                 *self.edge.interceptors(),
+                # Innermost: undecodable requests become INVALID_ARGUMENT after auth ran.
+                RequestDecodeInterceptor(),
             ],
             options=self.edge.server_options(),
         )
@@ -144,6 +178,12 @@ class App:
 
     async def stop(self) -> None:
         await self._stack.aclose()
+
+    def _durable(self, nc: NATS) -> DurablePublisher:
+        """The publisher of the durable subjects (submit, DLQ, dispatch) on `nc`."""
+        if self.jetstream is None:
+            return DurablePublisher(nc)
+        return DurablePublisher(nc, jetstream=True, timeout_s=self.jetstream.api_timeout_s)
 
     def _defer(self, stop: Callable[[], Awaitable[object]], timeout_s: float = 15.0) -> None:
         """Register a teardown step, bounded: one stuck step (a socket that never closes)
@@ -174,17 +214,17 @@ class App:
             ),
         )
         self._defer(self.store.aclose)
+        self.store.on_transition = lambda state, topic: self.metrics.jobs_transitions.labels(
+            state, topic
+        ).inc()
         safety = await self._safety(server)
         await self._install_policy_admin(server)
         if roles & {"gateway", "scheduler"}:
-            self.registry = WorkerRegistry(
-                self.nats,
-                on_drop=lambda subject, reason: self.metrics.bus_dropped.labels(
-                    subject, reason
-                ).inc(),
-            )
+            self.registry = WorkerRegistry(self.nats, inbound=self.inbound)
             await self.registry.start()
             self._defer(self.registry.stop)
+            registry = self.registry
+            self.metrics.workers_live.set_function(lambda: len(registry.workers()))
         # A gateway's hub gets this process's job events directly; they are published on a
         # connection of their own opened with no_echo, so the bus never hands them back here.
         self.job_events_hub: JobEventHub | None = None
@@ -194,10 +234,12 @@ class App:
                 s.nats_url, name=f"cordum-{s.instance_id}-events", no_echo=True
             )
             self._defer(lambda: self._drain_connection(events_nats))
-            self.job_events_hub = JobEventHub(events_nats, self.subjects)
+            self.job_events_hub = JobEventHub(events_nats, self.subjects, inbound=self.inbound)
             await self.job_events_hub.start()
             self._defer(self.job_events_hub.stop)
-        events = JobEventPublisher(events_nats, self.subjects, self.job_events_hub)
+        events = JobEventPublisher(
+            events_nats, self.subjects, self.job_events_hub, self.inbound.trust
+        )
         if "scheduler" in roles:
             assert self.registry is not None
             timeouts = load_timeouts(s.config_dir / "timeouts.yaml")
@@ -214,9 +256,24 @@ class App:
                 config=SchedulerConfig(sender_id=s.sender_id, instance_id=s.instance_id),
                 effective_config=self.config.effective_for_job if self.config else None,
                 out=events_nats,
+                inbound=self.inbound,
+                tracing=self.tracing,
+                durable=self._durable(events_nats),
+                core_intake=self.jetstream is None,
             )
+            self.metrics.add_sampler(job_gauges(self.redis, s.namespace, self.metrics))
             await self.scheduler.start()
             self._defer(self.scheduler.stop)
+            if self.jetstream is not None:
+                intake = DurableIntake(
+                    nats=self.nats,
+                    scheduler=self.scheduler,
+                    streams=Streams.of(self.subjects),
+                    config=self.jetstream,
+                )
+                # Deferred first: a start that fails half-way stops the consumers it started.
+                self._defer(intake.stop)
+                await intake.start()
             reconciler = Reconciler(
                 scheduler=self.scheduler,
                 interval_s=s.reconcile_interval_s or timeouts.reconciler.scan_interval_seconds,
@@ -228,6 +285,7 @@ class App:
             await self._gateway(server, safety, events)
         await self._install_workflows(server)
         await self._install_context(server)
+        await self._install_events(server)
 
     async def _safety(self, server: grpc.aio.Server) -> SafetyClient:
         s = self.settings
@@ -241,6 +299,9 @@ class App:
             s.config_dir / "safety.yaml",
             cache_ttl_s=s.decision_cache_ttl_s,
             watch_interval_s=s.policy_watch_s,
+            on_decision=lambda decision: self.metrics.safety_decisions.labels(
+                safety_pb2.DecisionType.Name(decision)
+            ).inc(),
         )
         await self.kernel.start()
         self._defer(self.kernel.stop)
@@ -295,7 +356,7 @@ class App:
             return
         store = PolicyStore(self.redis, prefix=s.namespace)
         sources = published_sources(store)
-        events = PolicyEvents(self.nats, self.subjects.policy_events)
+        events = PolicyEvents(self.nats, self.subjects.policy_events, self.inbound)
         self._defer(events.stop)
         recorder = DecisionRecorder(store)
         await recorder.start()
@@ -370,9 +431,13 @@ class App:
                 reconcile_interval_s=interval,
                 engine=EngineConfig(timer_poll_s=min(0.1, interval)),
             ),
+            inbound=self.inbound,
+            metrics=self.metrics,
+            durable=self._durable(self.nats),
         )
         self._defer(runtime.stop)
         if "workflow" in roles:
+            self.metrics.add_sampler(workflow_gauges(self.redis, s.namespace, self.metrics))
             await runtime.start_engine()
         if "gateway" in roles:
             await runtime.serve(server)
@@ -395,6 +460,9 @@ class App:
             # In one process with the scheduler, submits skip the bus (Scheduler.submit_local).
             scheduler=self.scheduler,
             metrics=self.metrics,
+            trust=self.inbound.trust,
+            tracing=self.tracing,
+            durable=self._durable(self.nats),
         )
         approvals = ApprovalService(jobs=self.jobs, safety=safety)
         kernel = self.kernel
@@ -524,6 +592,7 @@ class App:
                 summary_max_tokens=s.context_summary_max_tokens,
             ),
             owners=JobMemoryOwners(self.store),
+            metrics=self.metrics,
         )
         context_service_pb2_grpc.add_ContextEngineServicer_to_server(
             ContextEngineServicer(self.context_engine), server
@@ -534,6 +603,48 @@ class App:
         if name not in self._served:
             self._served.append(name)
 
+    async def _install_events(self, server: grpc.aio.Server) -> None:
+        """Live bus events (gateway role): EventService.StreamEvents (SSE through Envoy) and
+        the WebSocket `/api/v1/stream` on CORDUM_WS_HOST/PORT, both fed by one EventStreams
+        (one set of bus subscriptions per process, only while a stream is open)."""
+        from cordum.server.api.event_servicer import EventServicer
+        from cordum.server.api.event_socket import EventSocketServer
+        from cordum.server.services.event_sources import sources
+        from cordum.server.services.event_streams import EventStreams
+        from cordum.server.stores.event_scopes import ScopeStore
+        from cordum.v1 import event_service_pb2_grpc
+
+        assert self.redis is not None and self.nats is not None and self.store is not None
+        s = self.settings
+        if "gateway" not in self.roles:
+            return
+        runs = self.workflows.store.run_key if self.workflows is not None else None
+        self.events = EventStreams(
+            self.nats,
+            sources(self.subjects),
+            ScopeStore(self.redis, job_key=self.store.job_key, run_key=runs),
+            inbound=self.inbound,
+            queue_size=s.event_stream_queue,
+            grace_s=s.event_stream_grace_s,
+            metrics=self.metrics,
+        )
+        await self.events.start()
+        self._defer(self.events.stop)
+        socket = EventSocketServer(
+            self.events,
+            self.authenticator,
+            host=s.ws_host,
+            port=s.ws_port,
+            allowed_origins=s.allowed_origins,
+        )
+        await socket.start()
+        self._defer(socket.stop)
+        self.ws_port = socket.bound_port
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(
+            EventServicer(self.events), server
+        )
+        self._implemented.add("cordum.v1.EventService")
+
     def _finish_registration(self, server: grpc.aio.Server) -> None:
         # Everything in the contract that nothing implements answers UNIMPLEMENTED.
         descriptors = {d.full_name: d for d in [*platform_services(), safety_kernel_service()]}
@@ -543,6 +654,9 @@ class App:
     async def _stop_grpc(self) -> None:
         # Health first, so load balancers stop routing here while in-flight calls finish.
         await self._health.enter_graceful_shutdown()
+        if self.events is not None:
+            # Open streams end now (`stream_end`), not when the grace period runs out.
+            self.events.end_all(SHUTDOWN)
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
 

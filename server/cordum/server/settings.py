@@ -10,9 +10,9 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -47,15 +47,30 @@ class Settings(BaseSettings):
     use_jetstream: bool = Field(
         False, validation_alias=AliasChoices("NATS_USE_JETSTREAM", "CORDUM_USE_JETSTREAM")
     )
+    # JetStream mode (cordum.server.jetstream): the limits of each stream, and how many
+    # times a submit or result is delivered (first redelivery after `redeliver_delay_s`,
+    # doubling) before its job goes to the DLQ.
+    jetstream_max_age_s: float = Field(24 * 3600, gt=0)
+    jetstream_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    jetstream_replicas: int = Field(1, ge=1, le=5)
+    jetstream_max_deliver: int = Field(10, ge=1)
+    jetstream_ack_wait_s: float = Field(30.0, gt=0)
+    jetstream_redeliver_delay_s: float = Field(1.0, ge=0)
 
     # Listeners. Loopback by default: exposing the API is a deliberate act.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 8080
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090
-    # The WebSocket/SSE bridge Envoy routes /api/v1/stream to.
+    # The event WebSocket (`/api/v1/stream`, which Envoy routes here; server-sent events are
+    # StreamEvents through the transcoder, on the gRPC port).
     ws_host: str = "127.0.0.1"
     ws_port: int = 8082
+    # Event streams (StreamEvents, SSE, the WebSocket): events queued per stream before its
+    # client counts as too slow and is dropped (a `stream_end` event says why), and how long
+    # a dropped client gets to read that last event before its connection is cut.
+    event_stream_queue: int = Field(256, ge=1)
+    event_stream_grace_s: float = Field(10.0, gt=0)
 
     # Comma-separated in the environment: CORDUM_ROLES=gateway,scheduler.
     roles: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(ALL_ROLES))
@@ -68,6 +83,19 @@ class Settings(BaseSettings):
     # The CAP sender_id of this control plane; stable so workers can pin its key.
     sender_id: str = "cordum-scheduler"
     instance_id: str = Field(default_factory=_default_instance_id)
+
+    # -- signed bus packets (cordum.server.bus_trust) --------------------------------------
+    # Our ECDSA P-256 private key (PEM, inline or in a file). When set, every packet we
+    # publish is signed (CAP field 14; our own non-CAP messages in a header). Every control
+    # plane process of one deployment holds the same key.
+    bus_private_key: SecretStr = SecretStr("")
+    bus_private_key_file: Path | None = None
+    # The senders we trust: a directory of `<sender_id>.pem` files, or a YAML/JSON file
+    # mapping sender_id -> PEM public key.
+    bus_public_keys: Path | None = None
+    # `require`: every inbound packet must carry a valid signature from a known sender (or
+    # our own key), else it is dropped and counted; `off`: signatures are not checked.
+    bus_verify: Literal["off", "require"] = "off"
 
     # Where the scheduler and gateway reach the safety kernel when it is not in this process.
     safety_addr: str = Field(
@@ -138,6 +166,16 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices(
             "CORDUM_ALLOWED_ORIGINS", "CORDUM_CORS_ALLOW_ORIGINS", "CORS_ALLOW_ORIGINS"
         ),
+    )
+
+    # OpenTelemetry tracing (tracing.py): off unless an OTLP/gRPC endpoint is set, e.g.
+    # `http://collector:4317` (`https://` for TLS). Service name: OTEL_SERVICE_NAME, else
+    # `cordum` (every role) or `cordum-<roles>`.
+    otel_endpoint: str = Field(
+        "", validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "CORDUM_OTEL_ENDPOINT")
+    )
+    otel_service_name: str = Field(
+        "", validation_alias=AliasChoices("OTEL_SERVICE_NAME", "CORDUM_OTEL_SERVICE_NAME")
     )
 
     log_level: str = "INFO"

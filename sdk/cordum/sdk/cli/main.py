@@ -5,7 +5,21 @@ from __future__ import annotations
 import typer
 
 from cordum.sdk import DEFAULT_TARGET
-from cordum.sdk.cli import approvals, config, jobs, policy, runs, schemas, stack, workflows
+from cordum.sdk.cli import (
+    approvals,
+    artifacts,
+    config,
+    context,
+    dlq,
+    jobs,
+    locks,
+    memory,
+    policy,
+    runs,
+    schemas,
+    stack,
+    workflows,
+)
 from cordum.sdk.cli._common import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cordum command line.")
@@ -35,6 +49,11 @@ app.add_typer(runs.app, name="run")
 app.add_typer(config.app, name="config")
 app.add_typer(policy.app, name="policy")
 app.add_typer(schemas.app, name="schema")
+app.add_typer(locks.app, name="lock")
+app.add_typer(artifacts.app, name="artifact")
+app.add_typer(dlq.app, name="dlq")
+app.add_typer(memory.app, name="memory")
+app.add_typer(context.app, name="context")
 
 
 def main() -> None:

@@ -50,6 +50,13 @@ def up(
     metrics_port: int = typer.Option(9090, help="Prometheus metrics port."),
     ws_port: int = typer.Option(8082, help="Internal WebSocket bridge port."),
     admin_port: int = typer.Option(9901, help="Envoy admin port."),
+    replicas: int = typer.Option(
+        1,
+        "--replicas",
+        min=1,
+        help="Scheduler and workflow-engine processes each. Above 1, the gateway, safety "
+        "kernel and context engine run in processes of their own too.",
+    ),
     api_keys: str = typer.Option(
         "",
         "--api-keys",
@@ -69,6 +76,9 @@ def up(
     ),
 ) -> None:
     """Start nats-server, valkey-server, cordum-server, Envoy and the example worker.
+
+    With --replicas N the control plane runs as separate processes: N schedulers, N workflow
+    engines, a gateway, a safety kernel and a context engine (`cordumctl status` lists them).
 
     Without API keys the stack serves an open API on loopback only; with them (or the
     global --api-key, which becomes an admin key for every tenant) every call needs one."""
@@ -95,6 +105,7 @@ def up(
         envoy_admin_port=admin_port,
         worker_script=script,
         server_env=server_env,
+        replicas=replicas,
         allowed_origins=tuple(o.strip() for o in allowed_origins.split(",") if o.strip()),
     )
     if launcher.read_state(data_dir.resolve()):

@@ -43,12 +43,41 @@ def _put_response(meta: ArtifactMeta) -> A.PutArtifactResponse:
     )
 
 
-async def _chunks(requests: AsyncIterator[A.UploadArtifactRequest]) -> AsyncIterator[bytes]:
-    async for message in requests:
-        if message.WhichOneof("part") != "chunk":
-            raise invalid_field("header", "only the first message may carry the header")
-        if message.chunk:
-            yield message.chunk
+class _Upload:
+    """The chunks of an upload stream, and its closing `end` message.
+
+    grpc.aio ends a client stream the same way whether the client finished or was cancelled
+    half-way, so only an explicit `end` message says the bytes are complete: `verify` refuses
+    (and so stores nothing) without it."""
+
+    def __init__(self, requests: AsyncIterator[A.UploadArtifactRequest]) -> None:
+        self._requests = requests
+        self.end: A.ArtifactUploadEnd | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for message in self._requests:
+            part = message.WhichOneof("part")
+            if self.end is not None:
+                raise invalid_field("end", "must be the last message of the upload")
+            if part == "end":
+                self.end = message.end
+            elif part == "chunk":
+                if message.chunk:
+                    yield message.chunk
+            else:
+                raise invalid_field("header", "only the first message may carry the header")
+
+    def verify(self, size: int, sha256: str) -> None:
+        if self.end is None:
+            raise invalid_field(
+                "end", "required: the upload stopped before its final `end` message"
+            )
+        if self.end.size_bytes and self.end.size_bytes != size:
+            raise invalid_field(
+                "end.size_bytes", f"the client sent {self.end.size_bytes} bytes, {size} arrived"
+            )
+        if self.end.sha256 and self.end.sha256.lower() != sha256:
+            raise invalid_field("end.sha256", "does not match the SHA-256 of the bytes received")
 
 
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
@@ -88,8 +117,13 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             labels=dict(h.labels),
             max_bytes=h.max_bytes,
         )
+        upload = _Upload(request_iterator)
         meta = await self._artifacts.put(
-            header, _chunks(request_iterator), caller(context), header_prefix="header."
+            header,
+            upload.chunks(),
+            caller(context),
+            header_prefix="header.",
+            verify=upload.verify,
         )
         return _put_response(meta)
 

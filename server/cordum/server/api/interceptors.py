@@ -7,11 +7,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import redis.exceptions
 from grpc_status import rpc_status
 
-from cordum.server.errors import CordumError
+from cordum.server.errors import CordumError, unavailable
 
 logger = logging.getLogger(__name__)
+
+# A store that cannot be reached (Redis down, restarting, or replaying its AOF) is a
+# retryable UNAVAILABLE for the caller, not an UNKNOWN server error, whichever service hit it.
+_UNREACHABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _unreachable(error: BaseException) -> CordumError:
+    logger.warning("dependency unavailable: %r", error)
+    return unavailable(f"dependency unavailable: {error}")
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: CordumError) -> None:
@@ -26,6 +41,8 @@ def _wrap_unary(
             return await behavior(request, context)
         except CordumError as error:
             await _abort(context, error)
+        except _UNREACHABLE as error:
+            await _abort(context, _unreachable(error))
 
     return wrapper
 
@@ -39,6 +56,8 @@ def _wrap_stream(
                 yield item
         except CordumError as error:
             await _abort(context, error)
+        except _UNREACHABLE as error:
+            await _abort(context, _unreachable(error))
 
     return wrapper
 

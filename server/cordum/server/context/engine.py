@@ -54,6 +54,7 @@ from cordum.server.context.summary import summarize
 from cordum.server.context.tokens import TokenCounter, Tokenizers
 from cordum.server.context.window import Candidates, OverBudget, assemble
 from cordum.server.errors import Violations, invalid_field, not_found, unavailable
+from cordum.server.metrics import Metrics
 from cordum.server.services.caller import Caller
 from cordum.v1 import error_reason_pb2
 
@@ -148,8 +149,10 @@ class ContextEngine:
         retriever: Retriever | None = None,
         owners: Owners | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self._owners = owners
         self.limits = limits or ContextLimits()
         self.tokenizers = tokenizers or Tokenizers()
@@ -229,6 +232,11 @@ class ContextEngine:
                 "principal": caller.principal,
             },
         )
+        if self.metrics is not None:
+            self.metrics.context_builds.labels(mode.name).inc()
+            self.metrics.context_tokens.labels(mode.name).observe(window.input_tokens)
+            if window.dropped:
+                self.metrics.context_dropped.labels(mode.name).inc(window.dropped)
         return BuiltWindow(
             messages=window.messages,
             input_tokens=window.input_tokens,
@@ -273,6 +281,8 @@ class ContextEngine:
             # A token is at least one byte: a history this small cannot be over the trigger.
             if size > limits.summary_trigger_tokens:
                 await self._refresh_summary(update.memory_id)
+        if self.metrics is not None:
+            self.metrics.context_memory_updates.labels(mode.name).inc()
 
     async def _refresh_summary(self, memory_id: str) -> None:
         history, previous = await self.store.history_and_summary(memory_id)

@@ -7,13 +7,17 @@ fixed-shape maps (`meta`, `budget`, `mcp`) only the fields the policy reads are 
 when every use is a plain field access (`meta.capability`, `meta["pack_id"]`).
 
 Variables: `topic`, `tenant`, `labels`, `priority`, `principal_id`, `job_id`, `meta`,
-`budget`, `estimated_cost`, `input_size_bytes`, `secrets_present`, `mcp` (see `VARIABLES`).
+`budget`, `estimated_cost`, `input_size_bytes`, `secrets_present`, `mcp`, `config` (see
+`VARIABLES`). `config` is the job's effective config (the merged system → org → team →
+workflow → step documents the scheduler attaches), so a rule can read any setting:
+`"limits" in config && config.limits.max_cost < 10.0`.
 A missing map key is an evaluation error (write `"env" in labels && labels.env == "prod"`);
 an error, or a result that is not a bool, means the rule does not match.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ VARIABLES: Mapping[str, str] = MappingProxyType(
         "input_size_bytes": "int",
         "secrets_present": "bool: the computed secrets flag",
         "mcp": "map(string, string): server, tool, resource, action ('' when absent)",
+        "config": "map: the job's effective config data ({} when none was attached)",
     }
 )
 
@@ -193,7 +198,25 @@ def _value(name: str, facts: Facts, request: Any) -> Any:
         return facts.secrets_present
     if name == "mcp":
         return facts.mcp._asdict()
+    if name == "config":
+        return effective_data(request.effective_config)
     raise KeyError(name)  # compile_cel admits only VARIABLES
+
+
+def effective_data(raw: bytes) -> dict[str, Any]:
+    """The `data` of an effective-config snapshot (`{version, hash, data}`), or the object
+    itself when it is a bare document; {} when absent or not a JSON object (the kernel
+    ignores a malformed one, as for its `safety` section)."""
+    if not raw:
+        return {}
+    try:
+        top = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(top, dict):
+        return {}
+    data = top.get("data")
+    return data if isinstance(data, dict) and "version" in top else top
 
 
 def _priority_name(value: int) -> str:

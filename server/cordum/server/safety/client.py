@@ -20,6 +20,7 @@ from cordum.agent.v1 import safety_pb2, safety_pb2_grpc
 from cordum.server.errors import CordumError
 from cordum.server.safety.evaluate import retry_after_ms
 from cordum.server.safety.kernel import SafetyKernel
+from cordum.server.tracing import trace_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ class GrpcSafetyClient:
     async def check(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
         stub = self._get_stub()
         try:
+            # With tracing on, the kernel's server span joins the job's trace.
             response: safety_pb2.PolicyCheckResponse = await stub.Check(
-                request, timeout=self._timeout_s, metadata=self._metadata
+                request, timeout=self._timeout_s, metadata=trace_metadata(self._metadata)
             )
         except grpc.aio.AioRpcError as error:
             raise KernelUnavailable(

@@ -108,6 +108,7 @@ class SafetyKernel:
         *,
         extra_sources: ExtraSources | None = None,
         on_check: CheckHook | None = None,
+        on_decision: Callable[[int], None] | None = None,
         cache_ttl_s: float = 5.0,
         cache_size: int = 10_000,
         watch_interval_s: float = 30.0,
@@ -125,6 +126,8 @@ class SafetyKernel:
         self._path = Path(policy_path) if policy_path is not None else None
         self._extra_sources = extra_sources
         self.on_check = on_check
+        # Told every check's DecisionType (the decision metrics); must not do I/O.
+        self.on_decision = on_decision
         self._cache = DecisionCache(cache_ttl_s, cache_size, clock) if cache_ttl_s > 0 else None
         self._watch_interval_s = watch_interval_s
         self._full_check_every = max(1, full_check_every)
@@ -177,6 +180,8 @@ class SafetyKernel:
     def check(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
         """The scheduler's check: evaluation through the decision cache, then `on_check`."""
         response = self._check(request)
+        if self.on_decision is not None:
+            self.on_decision(response.decision)
         hook = self.on_check
         if hook is not None:
             try:

@@ -102,18 +102,12 @@ class ApprovalService:
                 R.ERROR_REASON_JOB_NOT_AWAITING_APPROVAL,
                 f"job {job_id} is {outcome.previous}, not awaiting approval",
             )
-        # Watchers see the job leave APPROVAL_REQUIRED, as they see a rejection.
-        await self.jobs.nats.publish(
-            self.jobs.subjects.job_events,
-            job_pb2.JobEvent(
-                job_id=job_id,
-                state=job_pb2.JOB_STATE_PENDING,
-                message=f"approved: {reason}".rstrip(": "),
-                time=ms_timestamp(now_ms()),
-            ).SerializeToString(),
-        )
+        # Watchers see the job leave APPROVAL_REQUIRED, as they see a rejection. Through the
+        # same publisher as the scheduler's events, so a watcher in this process gets them in
+        # the order they happened (PENDING before the DISPATCHED that follows).
+        await self.jobs.events.publish(job_id, "PENDING", f"approved: {reason}".rstrip(": "))
         # Back to the scheduler at once (not on a reconciler tick).
-        await self.jobs.publish_submit(record.request, record.job.trace_id)
+        await self.jobs.publish_submit(record.request, record.job.trace_id, why="approved")
         return await self.jobs.get(job_id, caller)
 
     async def reject(self, job_id: str, reason: str, note: str, caller: Caller) -> JobRecord:
@@ -152,14 +146,10 @@ class ApprovalService:
             worker_id=self.jobs.sender_id,
         )
         packet = cap.envelope(sender_id=self.jobs.sender_id, trace_id=job_id, job_result=result)
-        await self.jobs.nats.publish(self.jobs.subjects.dlq, cap.encode(packet))
-        await self.jobs.nats.publish(
-            self.jobs.subjects.job_events,
-            job_pb2.JobEvent(
-                job_id=job_id,
-                state=job_pb2.JOB_STATE_DENIED,
-                message=why,
-                time=ms_timestamp(now_ms()),
-            ).SerializeToString(),
+        await self.jobs.durable.publish(
+            self.jobs.subjects.dlq,
+            self.jobs.trust.encode(packet),
+            msg_id=f"{job_id}:dlq:DENIED:approval_rejected",
         )
+        await self.jobs.events.publish(job_id, "DENIED", why)
         return await self.jobs.get(job_id, caller)

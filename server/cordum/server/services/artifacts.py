@@ -26,7 +26,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -187,8 +187,10 @@ class ArtifactService:
         *,
         chunk_field: str = "chunk",
         header_prefix: str = "",
+        verify: Callable[[int, str], None] | None = None,
     ) -> ArtifactMeta:
-        """Store the bytes `chunks` yields (already-checked callers may pass any iterable)."""
+        """Store the bytes `chunks` yields (already-checked callers may pass any iterable).
+        `verify(size, sha256_hex)` runs before anything is committed and may refuse."""
         header, tenant, limit = self.check_header(header, caller, header_prefix)
         now = int(time.time() * 1000)
         expires = now + self.limits.ttl_s[header.retention] * 1000
@@ -208,6 +210,8 @@ class ArtifactService:
                 await writer.write(piece)
             if size == 0:
                 raise invalid_field(chunk_field, "the artifact is empty: send at least one byte")
+            if verify is not None:
+                verify(size, digest.hexdigest())
             location = await writer.commit()
         except BaseException:
             await _quietly(writer.abort())

@@ -24,6 +24,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cordum.server.bus import Subjects
+from cordum.server.bus_trust import BusTrust
+from cordum.server.inbound import Inbound
 from cordum.server.stores.jobs import TERMINAL, JobRecord, ms_timestamp, state_enum
 from cordum.server.workflows.dag import JOB_ID_RE
 from cordum.v1 import job_pb2
@@ -69,10 +71,18 @@ class JobEventHub:
     watch streams get every event through a queue, submit-and-wait callers a future that the
     job's terminal event resolves."""
 
-    def __init__(self, nats: NATS, subjects: Subjects, *, queue_size: int = 256) -> None:
+    def __init__(
+        self,
+        nats: NATS,
+        subjects: Subjects,
+        *,
+        queue_size: int = 256,
+        inbound: Inbound | None = None,
+    ) -> None:
         self._nats = nats
         self._subjects = subjects
         self._queue_size = queue_size
+        self._inbound = inbound or Inbound()
         self._listeners: dict[str, set[asyncio.Queue[HubEvent]]] = defaultdict(set)
         self._waiters: dict[str, list[asyncio.Future[HubEvent]]] = {}
         self._subs: list[Subscription] = []
@@ -89,12 +99,9 @@ class JobEventHub:
             await sub.unsubscribe()
 
     async def _on_message(self, msg: Msg) -> None:
-        try:
-            event = job_pb2.JobEvent.FromString(msg.data)
-        except Exception:  # a foreign or corrupt message on our subject
-            logger.warning("dropped undecodable job event")
-            return
-        self.deliver(HubEvent(event))
+        event = self._inbound.message(msg, "job_event", job_pb2.JobEvent.FromString)
+        if event is not None:
+            self.deliver(HubEvent(event))
 
     def wanted(self, job_id: str) -> bool:
         """Someone in this process listens for this job."""
@@ -154,10 +161,17 @@ class JobEventPublisher:
     """Publishes job events: to this process's hub directly (when there is one) and on the
     bus for everyone else. Costs one NATS publish per event."""
 
-    def __init__(self, nats: NATS, subjects: Subjects, hub: JobEventHub | None = None) -> None:
+    def __init__(
+        self,
+        nats: NATS,
+        subjects: Subjects,
+        hub: JobEventHub | None = None,
+        trust: BusTrust | None = None,
+    ) -> None:
         self._nats = nats
         self._subjects = subjects
         self._hub = hub
+        self._trust = trust or BusTrust()
 
     def wanted(self, job_id: str) -> bool:
         """A caller in this process waits for this job (its record is worth returning)."""
@@ -176,4 +190,5 @@ class JobEventPublisher:
         if self._hub is not None:
             self._hub.deliver(HubEvent(event, record, result))
         subject = self._subjects.job_event(event_kind(job_id), state)
-        await self._nats.publish(subject, event.SerializeToString())
+        data = event.SerializeToString()
+        await self._nats.publish(subject, data, headers=self._trust.headers(data))

@@ -26,7 +26,9 @@ from nats.aio.client import Client as NATS
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
 from cordum.server.bus import Batcher, Subjects
+from cordum.server.bus_trust import BusTrust
 from cordum.server.errors import CordumError, failed_precondition, invalid_field, not_found
+from cordum.server.jetstream import DurablePublisher
 from cordum.server.metrics import Metrics
 from cordum.server.services.caller import Caller, hidden_job
 from cordum.server.services.job_events import HubEvent, JobEventHub, JobEventPublisher
@@ -49,6 +51,7 @@ from cordum.server.stores.jobs import (
     state_enum,
     state_name,
 )
+from cordum.server.tracing import Tracing
 from cordum.v1 import error_reason_pb2, job_pb2, job_service_pb2
 
 logger = logging.getLogger(__name__)
@@ -89,9 +92,14 @@ class JobService:
         scheduler: Scheduler | None = None,
         sender_id: str = "cordum-gateway",
         default_retries: int = 0,
+        trust: BusTrust | None = None,
+        tracing: Tracing | None = None,
+        durable: DurablePublisher | None = None,
     ) -> None:
         self.store = store
         self.nats = nats
+        # Submits and DLQ notices (JetStream mode: acked by the stream, with message ids).
+        self.durable = durable or DurablePublisher(nats)
         self.subjects = subjects
         self.hub = hub
         self.events = events or JobEventPublisher(nats, subjects, hub)
@@ -100,6 +108,9 @@ class JobService:
         self.metrics = metrics
         self.sender_id = sender_id
         self.default_retries = default_retries
+        # Signs what we publish (when the App has a key).
+        self.trust = trust or BusTrust()
+        self.tracing = tracing or Tracing()
         self._writes: Batcher[tuple[NewJob, asyncio.Future[SubmitOutcome]]] = Batcher(
             self._write_batch, name="gateway-submit"
         )
@@ -170,13 +181,24 @@ class JobService:
                 f"job store unavailable: {exc}",
             ) from exc
 
-    async def publish_submit(self, request: agent.JobRequest, trace_id: str) -> None:
-        """Ask a scheduler to decide on a stored PENDING job (this process's, else any)."""
+    async def publish_submit(
+        self, request: agent.JobRequest, trace_id: str, *, why: str = "submit"
+    ) -> None:
+        """Ask a scheduler to decide on a stored PENDING job (this process's, else any).
+        `why` tells this request apart from the job's other ones (JetStream de-duplicates
+        by job id + why)."""
         if self.scheduler is not None:
             self.scheduler.readmit(request, trace_id)
             return
         packet = cap.envelope(sender_id=self.sender_id, trace_id=trace_id, job_request=request)
-        await self.nats.publish(self.subjects.submit, cap.encode(packet))
+        # The caller's span (the API call) goes along in the headers: the scheduler's spans
+        # of this job join its trace.
+        await self.durable.publish(
+            self.subjects.submit,
+            self.trust.encode(packet),
+            msg_id=f"{request.job_id}:{why}",
+            headers=self.tracing.headers(),
+        )
 
     async def submit_built(self, built: BuiltJob, caller: Caller) -> Submitted:
         new = built.new
@@ -320,7 +342,7 @@ class JobService:
             packet = cap.envelope(sender_id=self.sender_id, trace_id=job_id, job_cancel=cancel)
             # Workers that honour cancellation stop; the late result of those that don't is
             # discarded by the scheduler.
-            await self.nats.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
+            await self.nats.publish(cap.SUBJECT_CANCEL, self.trust.encode(packet))
             await self.events.publish(job_id, "CANCELLED", why)
         updated = await self.store.get(job_id)
         assert updated is not None

@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cordum.agent.v1 import safety_pb2
+from cordum.server.inbound import Inbound
 from cordum.server.safety.kernel import SafetyKernel
 from cordum.server.stores.policy import PolicyStore, encode_recorded
 
@@ -71,13 +72,15 @@ class PolicyEvent:
 class PolicyEvents:
     """Publishes policy changes and reloads the subscribed kernels when one arrives."""
 
-    def __init__(self, nats: NATS, subject: str) -> None:
+    def __init__(self, nats: NATS, subject: str, inbound: Inbound | None = None) -> None:
         self._nats = nats
         self._subject = subject
+        self._inbound = inbound or Inbound()
         self._subscriptions: list[Subscription] = []
 
     async def publish(self, event: PolicyEvent) -> None:
-        await self._nats.publish(self._subject, event.to_json())
+        data = event.to_json()
+        await self._nats.publish(self._subject, data, headers=self._inbound.trust.headers(data))
         # Push it out now: the replicas' reload should not wait for the next flush tick.
         await self._nats.flush()
 
@@ -85,6 +88,8 @@ class PolicyEvents:
         """Reload `kernel` on every policy event (no queue group: every process gets it)."""
 
         async def on_event(msg: Msg) -> None:
+            if self._inbound.message(msg, "policy_event", json.loads) is None:
+                return
             try:
                 installed = await kernel.reload()
             except Exception:  # reload logs its own load errors; never kill the subscription

@@ -4,6 +4,8 @@ Every scan, one scheduler replica (a Redis lease decides which):
 - times out jobs past their deadline (and tells the worker to stop);
 - re-dispatches, or times out, jobs whose worker vanished (no heartbeat), jobs sent to a
   topic no worker picked up, and jobs running longer than their topic's timeout;
+- re-queues (attempt refunded) dispatches their live worker never got, judged by its idle
+  heartbeats: the fallback of the scheduler's in-memory check (services/lost_dispatches.py);
 - replays PENDING jobs whose submit message was lost (the pending replayer);
 - trims the listing indexes to the job TTL, so no key grows without bound.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
+from cordum.server.services.lost_dispatches import LOST_FIELD, Dispatch, requeue
 from cordum.server.services.scheduler import Scheduler, now_ms, stop_task
 from cordum.server.stores.jobs import ACTIVE, STATES, JobRecord
 
@@ -97,6 +100,7 @@ class Reconciler:
             await self._trim(now, report)
         finally:
             await self._release(keys=[lock], args=[self.owner])
+            self._count(report)
         if report.timed_out or report.requeued or report.replayed:
             logger.info(
                 "reconciled: %d timed out, %d re-queued, %d replayed",
@@ -105,6 +109,13 @@ class Reconciler:
                 report.replayed,
             )
         return report
+
+    def _count(self, report: TickReport) -> None:
+        actions = self.scheduler.metrics.reconciler_actions
+        for action in ("timed_out", "requeued", "replayed", "recovered", "trimmed"):
+            count = getattr(report, action)
+            if count:
+                actions.labels("jobs", action).inc(count)
 
     async def _end(
         self, record: JobRecord, now: int, code: str, why: str, report: TickReport
@@ -123,7 +134,6 @@ class Reconciler:
         report.timed_out += 1
         report.details.append(f"{record.job.id}: {why}")
         sched = self.scheduler
-        sched.metrics.jobs_transitions.labels("TIMEOUT", record.job.topic).inc()
         await sched.events.publish(record.job.id, "TIMEOUT", why)
         if outcome.previous in ("DISPATCHED", "RUNNING"):
             # Tell the worker to stop; its late result will be discarded anyway.
@@ -133,7 +143,7 @@ class Reconciler:
             packet = cap.envelope(
                 sender_id=sched.config.sender_id, trace_id=record.job.id, job_cancel=cancel
             )
-            await sched.out.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
+            await sched.out.publish(cap.SUBJECT_CANCEL, sched.trust.encode(packet))
         await sched.publish_dlq(record.job.id, "TIMEOUT", code, why)
 
     async def _requeue_or_end(
@@ -199,22 +209,21 @@ class Reconciler:
         *,
         refund_attempt: bool = False,
     ) -> bool:
-        fields: dict[str, str | bytes | int] = {"pending_reason": why}
+        fields: dict[str, str | bytes | int] = {}
         if refund_attempt:
             fields["attempts"] = max(record.job.attempts - 1, 0)
-        outcome = await self.store.transition(
+        ok = await requeue(
+            self.store,
+            self.scheduler.events,
             record.job.id,
-            allowed_from=[record.state],
-            to="PENDING",
-            message=f"re-queued: {why}",
+            from_state=record.state,
             now_ms=now,
+            why=why,
             fields=fields,
         )
-        if outcome.ok:
-            await self.store.schedule_due(record.job.id, now)
-            await self.scheduler.events.publish(record.job.id, "PENDING", why)
+        if ok:
             report.requeued += 1
-        return outcome.ok
+        return ok
 
     async def _deadlines(self, now: int, report: TickReport) -> None:
         ids = await self.store.past_deadline(now, BATCH)
@@ -254,6 +263,8 @@ class Reconciler:
         self, state: str, ids: list[str], now: int, dispatch_ms: int, report: TickReport
     ) -> None:
         sched = self.scheduler
+        lost = sched.lost_dispatches
+        judged_lost: list[Dispatch] = []
         for record in await self.store.get_many(ids) if ids else []:
             if record is None or record.state != state:
                 continue
@@ -269,6 +280,13 @@ class Reconciler:
                 await self._requeue_or_end(
                     record, now, "worker_lost", f"worker {worker} stopped heartbeating", report
                 )
+            elif (
+                state == "DISPATCHED"
+                and worker
+                and int(record.fields.get(LOST_FIELD, b"0") or 0) < lost.max_requeues
+                and lost.judge(worker, since / 1000)
+            ):
+                judged_lost.append(Dispatch(record.job.id, worker, since, since / 1000))
             elif not worker and age >= dispatch_ms:
                 await self._requeue_or_end(
                     record,
@@ -277,6 +295,9 @@ class Reconciler:
                     f"no worker took it within {dispatch_ms // 1000}s",
                     report,
                 )
+        settled = await lost.settle(judged_lost)
+        report.requeued += settled.requeued
+        report.recovered += settled.recovered
 
     async def _replay_pending(self, now: int, report: TickReport) -> None:
         ids = await self.store.stale("PENDING", now - self.pending_replay_ms, BATCH)

@@ -13,6 +13,8 @@ Per job, on the hot path (plain NATS):
           the same script call.
   result: 1 Redis script (pipelined per batch; for a caller waiting in this process it also
           returns the record and the result) + 1 NATS publish (job event)
+JetStream mode adds 1 ack per bus submit and result (plus 1 pull request per fetched batch),
+and the stream stores each dispatch (no round trip: it is not waited for).
 The effective config of each job (system → org → team → workflow → step) is attached to the
 dispatched request (env CORDUM_EFFECTIVE_CONFIG) and given to the safety kernel, from the
 config service's in-process cache (once per distinct scope set per batch: no Redis round
@@ -31,16 +33,20 @@ from google.protobuf import json_format
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
 
 from cordum.agent.v1 import buspacket_pb2, job_pb2, safety_pb2
 from cordum.sdk import cap
 from cordum.server.bus import Batcher, Subjects
 from cordum.server.config_files import PoolsConfig, TimeoutsConfig
+from cordum.server.inbound import Inbound
+from cordum.server.jetstream import DurablePublisher
 from cordum.server.metrics import Metrics
 from cordum.server.safety.client import KernelUnavailable, LocalSafetyClient, SafetyClient
 from cordum.server.safety.evaluate import retry_after_ms
 from cordum.server.services.config_service import EffectiveConfigSource
 from cordum.server.services.job_events import JobEventPublisher
+from cordum.server.services.lost_dispatches import LostDispatches
 from cordum.server.services.placement import Placement, Unplaceable, place
 from cordum.server.services.workers import WorkerRegistry
 from cordum.server.stores.jobs import (
@@ -53,6 +59,7 @@ from cordum.server.stores.jobs import (
     SubmitOutcome,
     ms_timestamp,
 )
+from cordum.server.tracing import CAP_TRACE_ID, JOB_ID, TOPIC, Context, Tracing
 from cordum.v1 import job_pb2 as v1_job_pb2
 
 logger = logging.getLogger(__name__)
@@ -173,6 +180,10 @@ class _Pending:
     # A job handed over by a gateway in this process: created by the admission's script.
     new: NewJob | None = None
     created: asyncio.Future[SubmitOutcome] | None = None
+    # When it was submitted (epoch s; 0 = picked up again later: not a dispatch latency),
+    # and the submitter's span context (tracing), if it came with one.
+    submitted_s: float = 0.0
+    trace_ctx: Context | None = None
 
 
 class Scheduler:
@@ -191,12 +202,21 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         effective_config: EffectiveConfigSource | None = None,
         out: NATS | None = None,
+        inbound: Inbound | None = None,
+        tracing: Tracing | None = None,
+        durable: DurablePublisher | None = None,
+        core_intake: bool = True,
     ) -> None:
         self.nats = nats
         # What this scheduler publishes (dispatches, DLQ notices, cancels) goes out on `out`:
         # in a gateway process, the connection the job events use too, so one flush carries
         # a batch's dispatches and events together.
         self.out = out or nats
+        # Dispatches and DLQ notices (JetStream mode: with message ids, DLQ notices acked).
+        self.durable = durable or DurablePublisher(self.out)
+        # False in JetStream mode: submits and results come from durable consumers
+        # (services/durable_intake.py) through admit_messages / complete_messages.
+        self.core_intake = core_intake
         self.store = store
         self.safety = safety
         self.registry = registry
@@ -207,6 +227,13 @@ class Scheduler:
         self.events = events
         self.config = config or SchedulerConfig()
         self.effective_config = effective_config
+        self.tracing = tracing or Tracing()
+        # Results in the work queue: (their sender's span context, arrival ns) for the span
+        # of their handling; kept only while tracing is on.
+        self._result_traces: dict[str, tuple[Context | None, int, str]] = {}
+        # Decodes (and verifies) what we receive; its trust signs what we publish.
+        self.inbound = inbound or Inbound(metrics=metrics)
+        self.trust = self.inbound.trust
         # An in-process kernel answers without I/O: asking it job by job costs no task each.
         self._local_safety = isinstance(safety, LocalSafetyClient)
         self._admits: Batcher[_Pending] = Batcher(self._admit_batch, name="scheduler-admit")
@@ -218,6 +245,11 @@ class Scheduler:
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._kernel_failures = 0
+        # Our dispatches to known workers, until their result: re-queued when the worker's
+        # idle heartbeats show they never arrived (services/lost_dispatches.py).
+        self.lost_dispatches = LostDispatches(
+            store=store, registry=registry, events=events, complete=self.complete, metrics=metrics
+        )
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -225,12 +257,16 @@ class Scheduler:
         queue = self.subjects.queue("scheduler")
         sub = self.nats.subscribe
         self._subs = [
-            await sub(self.subjects.submit, queue=queue, cb=self._on_submit),
-            await sub(cap.SUBJECT_RESULT, queue=queue, cb=self._on_result),
             await sub(cap.SUBJECT_PROGRESS, queue=queue, cb=self._on_progress),
             await sub(self.subjects.cancel, queue=queue, cb=self._on_cancel),
         ]
+        if self.core_intake:
+            self._subs += [
+                await sub(self.subjects.submit, queue=queue, cb=self._on_submit),
+                await sub(cap.SUBJECT_RESULT, queue=queue, cb=self._on_result),
+            ]
         await self._renew_lease()
+        self.lost_dispatches.start()
         self._tasks.append(asyncio.create_task(self._due_loop(), name="scheduler-due"))
         self._tasks.append(asyncio.create_task(self._lease_loop(), name="scheduler-lease"))
 
@@ -264,28 +300,67 @@ class Scheduler:
         for task in self._tasks:
             await stop_task(task)
         self._tasks = []
+        await self.lost_dispatches.stop()
         await self._work.drain()
         await self._admits.drain()
 
     # -- intake ------------------------------------------------------------------------
 
-    def _decode(self, msg: Msg) -> buspacket_pb2.BusPacket | None:
-        try:
-            return cap.decode(msg.data)
-        except cap.PacketError as exc:
-            self.metrics.bus_dropped.labels(msg.subject, exc.reason).inc()
-            logger.warning("dropped packet on %s: %s", msg.subject, exc)
+    def _decode(self, msg: Msg, kind: str) -> buspacket_pb2.BusPacket | None:
+        """The packet, with the payload `kind` carries; None when dropped (and counted)."""
+        return self.inbound.packet(msg, kind)
+
+    def _submitted(self, msg: Msg) -> _Pending | None:
+        packet = self._decode(msg, "submit")
+        if packet is None:
             return None
+        return _Pending(
+            packet.job_request,
+            packet.trace_id,
+            submitted_s=packet.created_at.ToNanoseconds() / 1e9,
+            trace_ctx=self.tracing.extract(msg.headers),
+        )
+
+    def _received(self, msg: Msg) -> job_pb2.JobResult | None:
+        packet = self._decode(msg, "result")
+        if packet is None:
+            return None
+        if self.tracing.enabled:
+            self._result_traces[packet.job_result.job_id] = (
+                self.tracing.extract(msg.headers),
+                time.time_ns(),
+                packet.trace_id,
+            )
+        return packet.job_result
 
     async def _on_submit(self, msg: Msg) -> None:
-        packet = self._decode(msg)
-        if packet is not None and packet.HasField("job_request"):
-            self._admits.add(_Pending(packet.job_request, packet.trace_id))
+        pending = self._submitted(msg)
+        if pending is not None:
+            self._admits.add(pending)
 
     async def _on_result(self, msg: Msg) -> None:
-        packet = self._decode(msg)
-        if packet is not None and packet.HasField("job_result"):
-            self._work.add(packet.job_result)
+        result = self._received(msg)
+        if result is not None:
+            self._work.add(result)
+
+    async def admit_messages(self, msgs: list[Msg]) -> None:
+        """Submits from a durable consumer: decided and written when this returns (the
+        consumer acks them then); raises when the batch's Redis work failed."""
+        batch = [p for p in map(self._submitted, msgs) if p is not None]
+        if batch:
+            await self._admit_batch(batch)
+
+    async def complete_messages(self, msgs: list[Msg]) -> None:
+        """Results from a durable consumer: applied when this returns, else it raises."""
+        results = [r for r in map(self._received, msgs) if r is not None]
+        if not results:
+            return
+        try:
+            await self._result_batch(results)
+        except Exception:
+            for r in results:
+                self._result_traces.pop(r.job_id, None)
+            raise
 
     def readmit(self, request: job_pb2.JobRequest, trace_id: str) -> None:
         """Queue a stored PENDING job for another decision (due queue, replayer, approval)."""
@@ -296,7 +371,16 @@ class Scheduler:
         in one script call (pipelined with the rest of the batch). No bus message. The
         future holds what job_submit.lua would have answered."""
         created: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
-        self._work.add(_Pending(new.request, new.job.trace_id, new=new, created=created))
+        self._work.add(
+            _Pending(
+                new.request,
+                new.job.trace_id,
+                new=new,
+                created=created,
+                submitted_s=time.time(),
+                trace_ctx=self.tracing.current(),
+            )
+        )
         return created
 
     # -- decisions --------------------------------------------------------------------
@@ -318,11 +402,21 @@ class Scheduler:
         await self._attach_effective_config(batch)
         if self._local_safety:
             for p in batch:
-                p.decision = await self._decide(p)
+                p.decision = await self._decide_traced(p)
         else:
-            decisions = await asyncio.gather(*(self._decide(p) for p in batch))
+            decisions = await asyncio.gather(*(self._decide_traced(p) for p in batch))
             for p, decision in zip(batch, decisions, strict=True):
                 p.decision = decision
+
+    async def _decide_traced(self, pending: _Pending) -> _Decision:
+        if not self.tracing.enabled:
+            return await self._decide(pending)
+        with self.tracing.span(
+            "cordum.safety.check", pending.trace_ctx, attributes=_span_attributes(pending)
+        ) as span:
+            decision = await self._decide(pending)
+            span.set_attribute("cordum.safety.decision", decision.kind)
+            return decision
 
     async def _decide(self, pending: _Pending) -> _Decision:
         try:
@@ -337,7 +431,6 @@ class Scheduler:
             return _Decision("throttle", None, backoff, f"safety kernel unavailable: {exc}")
         self._kernel_failures = 0
         decision = response.decision
-        self.metrics.safety_decisions.labels(_D.Name(decision)).inc()
         if decision == _D.DECISION_TYPE_REQUIRE_HUMAN or response.approval_required:
             return _Decision("require", response, reason=response.reason)
         if decision in (_D.DECISION_TYPE_ALLOW, _D.DECISION_TYPE_ALLOW_WITH_CONSTRAINTS):
@@ -486,6 +579,8 @@ class Scheduler:
             if results:
                 # Unapplied results: the reconciler completes them from res:<id> later.
                 logger.exception("applying %d worker results failed", len(results))
+                for r in results:
+                    self._result_traces.pop(r.job_id, None)
             return
         for pending, admission, (outcome, admitted) in zip(
             creates, admissions, created, strict=True
@@ -602,7 +697,26 @@ class Scheduler:
             trace_id=p.trace_id or request.job_id,
             job_request=request,
         )
-        await self.out.publish(placement.subject, cap.encode(packet))
+        # The worker continues the trace from the headers; the CAP bytes are the same.
+        with self.tracing.span(
+            "cordum.job.dispatch",
+            p.trace_ctx,
+            kind=SpanKind.PRODUCER,
+            attributes={**_span_attributes(p), "messaging.destination.name": placement.subject},
+        ):
+            # Captured, not acked, in JetStream mode: CAP workers read it with core
+            # subscriptions, so only the reconciler can re-send a dispatch nobody took.
+            await self.durable.publish(
+                placement.subject,
+                self.trust.encode(packet),
+                msg_id=request.dispatch.dispatch_id,
+                headers=self.tracing.headers(),
+                acked=False,
+            )
+        if placement.worker_id:
+            self.lost_dispatches.note(request.job_id, placement.worker_id, now)
+        if p.submitted_s:
+            self.metrics.dispatch_latency.observe(max(0.0, time.time() - p.submitted_s))
         await self.events.publish(
             request.job_id, "DISPATCHED", f"attempt {attempt} on {placement.subject}"
         )
@@ -618,7 +732,9 @@ class Scheduler:
             worker_id=self.config.sender_id,
         )
         packet = cap.envelope(sender_id=self.config.sender_id, trace_id=job_id, job_result=result)
-        await self.out.publish(self.subjects.dlq, cap.encode(packet))
+        await self.durable.publish(
+            self.subjects.dlq, self.trust.encode(packet), msg_id=f"{job_id}:dlq:{state}:{code}"
+        )
 
     # -- results ----------------------------------------------------------------------
 
@@ -651,10 +767,37 @@ class Scheduler:
         self, completions: list[Completion], outcomes: list[CompleteOutcome]
     ) -> None:
         for c, outcome in zip(completions, outcomes, strict=True):
+            self.lost_dispatches.forget(c.job_id)
+            traced = self._result_traces.pop(c.job_id, None) if self._result_traces else None
             try:
-                await self._announce_result(c, outcome)
+                if traced is None:
+                    await self._announce_result(c, outcome)
+                else:
+                    await self._announce_traced(c, outcome, *traced)
             except Exception:
                 logger.exception("announcing the result of %s failed", c.job_id)
+
+    async def _announce_traced(
+        self,
+        c: Completion,
+        outcome: CompleteOutcome,
+        parent: Context | None,
+        arrived_ns: int,
+        trace_id: str,
+    ) -> None:
+        """The span of a result's handling: from its arrival (the batch's Redis write
+        included) to its announcement, child of the worker's span when it sent one."""
+        attributes = {JOB_ID: c.job_id, CAP_TRACE_ID: trace_id, TOPIC: outcome.topic}
+        with self.tracing.span(
+            "cordum.job.result",
+            parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            start_time_ns=arrived_ns,
+        ) as span:
+            span.set_attribute("cordum.job.outcome", outcome.kind)
+            span.set_attribute("cordum.job.state", outcome.state)
+            await self._announce_result(c, outcome)
 
     async def _announce_result(self, c: Completion, outcome: CompleteOutcome) -> None:
         if outcome.kind == "done":
@@ -676,8 +819,8 @@ class Scheduler:
             logger.info("ignored late result for %s (job is %s)", c.job_id, outcome.state)
 
     async def _on_progress(self, msg: Msg) -> None:
-        packet = self._decode(msg)
-        if packet is None or not packet.HasField("job_progress"):
+        packet = self._decode(msg, "progress")
+        if packet is None:
             return
         progress = packet.job_progress
         moved = await self.store.transition(
@@ -693,8 +836,8 @@ class Scheduler:
             )
 
     async def _on_cancel(self, msg: Msg) -> None:
-        packet = self._decode(msg)
-        if packet is None or not packet.HasField("job_cancel"):
+        packet = self._decode(msg, "cancel")
+        if packet is None:
             return
         cancel = packet.job_cancel
         outcome = await self.store.transition(
@@ -726,6 +869,10 @@ class Scheduler:
         for record in await self.store.get_many(ids):
             if record is not None and record.state == "PENDING":
                 self.readmit(record.request, record.job.trace_id)
+
+
+def _span_attributes(p: _Pending) -> dict[str, str | int]:
+    return {JOB_ID: p.request.job_id, CAP_TRACE_ID: p.trace_id, TOPIC: p.request.topic}
 
 
 def _apply_constraints(request: job_pb2.JobRequest, constraints: object) -> None:

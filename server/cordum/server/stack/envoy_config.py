@@ -24,6 +24,12 @@ from cordum.server.stack.binaries import envoy_path
 API_PACKAGE = "cordum.v1"
 REPO_DESCRIPTOR = Path("gen/cordum/v1/cordum.binpb")
 WS_PATH = "/api/v1/stream"
+# The OpenAPI document `make proto` writes next to the descriptor set, served by Envoy itself
+# (a direct response read at start-up) with no API key: it describes the API, holds no data.
+OPENAPI_PATH = "/api/v1/openapi.json"
+OPENAPI_FILE = "openapi.json"
+# Envoy's direct responses are capped at 4 KiB unless raised; the document is a few 100 KiB.
+MAX_OPENAPI_BYTES = 8 * 1024 * 1024
 
 # The same default as the gRPC server's largest request (Settings.max_request_bytes).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -72,6 +78,9 @@ class EnvoyPorts:
     grpc_port: int = 8080
     ws_host: str = "127.0.0.1"
     ws_port: int = 8082
+    # The context engine's gRPC port when it runs in a process of its own (`cordumctl up
+    # --replicas`); 0: the gateway serves it.
+    context_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,12 @@ class EnvoyConfig:
     allowed_origins: tuple[str, ...] = ()
     # Larger REST bodies get 413 before they reach the gateway.
     max_request_bytes: int = MAX_REQUEST_BYTES
+    # None: the openapi.json next to `descriptor` (gen/cordum/v1 or the installed package).
+    openapi: Path | None = None
+
+    @property
+    def openapi_document(self) -> Path:
+        return self.openapi or self.descriptor.with_name(OPENAPI_FILE)
 
     def render(self) -> str:
         return yaml.safe_dump(self.build(), sort_keys=False, width=100)
@@ -102,6 +117,7 @@ class EnvoyConfig:
                 "clusters": [
                     _cluster("gateway_grpc", p.grpc_host, p.grpc_port, http2=True),
                     _cluster("gateway_ws", p.ws_host, p.ws_port, http2=False),
+                    *_context_clusters(p),
                 ],
             },
         }
@@ -120,11 +136,16 @@ class EnvoyConfig:
                 "local_reply_config": _json_local_replies(),
                 "route_config": {
                     "name": "api",
+                    "max_direct_response_body_size_bytes": MAX_OPENAPI_BYTES,
                     "virtual_hosts": [
                         {
                             "name": "api",
                             "domains": ["*"],
-                            "routes": _routes(),
+                            "routes": [
+                                _openapi_route(self.openapi_document),
+                                *_context_routes(self.ports),
+                                *_routes(),
+                            ],
                             "typed_per_filter_config": {
                                 "envoy.filters.http.cors": self._cors_policy()
                             },
@@ -208,6 +229,26 @@ def _router() -> dict[str, Any]:
     }
 
 
+def _context_clusters(p: EnvoyPorts) -> list[dict[str, Any]]:
+    return (
+        [_cluster("context_grpc", p.grpc_host, p.context_port, http2=True)]
+        if p.context_port
+        else []
+    )
+
+
+def _context_routes(p: EnvoyPorts) -> list[dict[str, Any]]:
+    """ContextEngine calls (native gRPC, and REST matched on its REST paths) go to the
+    context engine's own process when it has one."""
+    if not p.context_port:
+        return []
+    route = {"cluster": "context_grpc", "timeout": "0s"}
+    return [
+        {"match": {"prefix": "/cordum.v1.ContextEngine/", "grpc": {}}, "route": route},
+        {"match": {"prefix": "/api/v1/context/"}, "route": route},
+    ]
+
+
 def _routes() -> list[dict[str, Any]]:
     no_transcoding = {
         "envoy.filters.http.grpc_json_transcoder": {
@@ -238,6 +279,24 @@ def _routes() -> list[dict[str, Any]]:
     ]
 
 
+def _openapi_route(document: Path) -> dict[str, Any]:
+    return {
+        "match": {
+            "path": OPENAPI_PATH,
+            "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+        },
+        # Read once at start-up; _openapi_reply_mapper keeps it unwrapped, as application/json.
+        "direct_response": {"status": 200, "body": {"filename": str(document)}},
+        # Not an RPC: the transcoder would answer 404 (reject_unknown_method).
+        "typed_per_filter_config": {
+            "envoy.filters.http.grpc_json_transcoder": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                "disabled": True,
+            }
+        },
+    }
+
+
 def _json_local_replies() -> dict[str, Any]:
     # Envoy's own replies (unknown path, bad JSON, upstream down) become JSON shaped like
     # google.rpc.Status, except that `code` is the HTTP status.
@@ -249,7 +308,37 @@ def _json_local_replies() -> dict[str, Any]:
                 "details": "%RESPONSE_CODE_DETAILS%",
             },
             "content_type": "application/json",
-        }
+        },
+        "mappers": [_openapi_reply_mapper()],
+    }
+
+
+def _openapi_reply_mapper() -> dict[str, Any]:
+    # A direct response is a local reply too: keep the document as it is, unwrapped.
+    return {
+        "filter": {
+            "and_filter": {
+                "filters": [
+                    {
+                        "header_filter": {
+                            "header": {"name": ":path", "string_match": {"prefix": OPENAPI_PATH}}
+                        }
+                    },
+                    {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {"default_value": 200, "runtime_key": "cordum.openapi"},
+                            }
+                        }
+                    },
+                ]
+            }
+        },
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        },
     }
 
 

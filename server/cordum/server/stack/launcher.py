@@ -2,6 +2,12 @@
 the example worker, started in that order from the pip-installed binaries and stopped in
 reverse. `cordumctl up` and the end-to-end tests both use this class.
 
+With `replicas` > 1 the control plane runs as separate processes instead of one
+cordum-server: a gateway, a safety kernel, a context engine, and `replicas` schedulers and
+workflow engines, so the multi-replica code paths (queue groups, leases, compare-and-set
+writes) run on one machine. `Stack.restart` brings a stopped or killed component back as it
+first started (same ports, data and environment), which is what the chaos suite uses.
+
 State (pids and endpoints) goes to `<data_dir>/stack.json` so `cordumctl status` and
 `cordumctl down` can find a detached stack. Data (JetStream store, AOF) lives under
 `<data_dir>` and survives a restart.
@@ -9,6 +15,7 @@ State (pids and endpoints) goes to `<data_dir>/stack.json` so `cordumctl status`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,6 +23,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +41,7 @@ from cordum.server.stack.envoy_config import (
     api_services,
     packaged_descriptor,
 )
-from cordum.server.stack.process import PortInUseError, can_connect, port_in_use
+from cordum.server.stack.process import PortInUseError, can_connect, pick_free_port, port_in_use
 from cordum.server.stack.services import (
     RunningService,
     start_envoy,
@@ -44,6 +53,9 @@ from cordum.server.stack.services import (
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
+
+# The roles that run `replicas` processes each in the split layout.
+SCALED_ROLES = ("scheduler", "workflow")
 
 
 @dataclass
@@ -68,6 +80,10 @@ class StackSettings:
     allowed_origins: tuple[str, ...] = ()
     # REST bodies larger than this get 413 from Envoy (the server gets the same limit).
     max_request_bytes: int = MAX_REQUEST_BYTES
+    # 1: one cordum-server with every role. N > 1: N scheduler and N workflow-engine
+    # processes, plus one gateway (on the ports above), one safety kernel and one context
+    # engine (on free loopback ports).
+    replicas: int = 1
 
     def ports(self) -> dict[str, int]:
         ports = {
@@ -98,6 +114,8 @@ class Stack:
         self.settings = settings
         self.data_dir = settings.data_dir.resolve()
         self.services: list[RunningService] = []
+        # How to start each component again exactly as it first started (restart()).
+        self._starters: dict[str, Callable[[], RunningService]] = {}
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -128,25 +146,76 @@ class Stack:
             service.stop()
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
 
+    def component(self, name: str) -> RunningService:
+        """The running component called `name` (as listed by `cordumctl status`)."""
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(f"no component {name!r}; components: {[s.name for s in self.services]}")
+
+    def restart(self, name: str) -> RunningService:
+        """Start component `name` again as it first started (same ports, data directory and
+        environment), stopping it first if it still runs: a crashed process coming back."""
+        index = self.services.index(self.component(name))
+        self.services[index].stop()
+        service = self._starters[name]()
+        self.services[index] = service
+        self.write_state()
+        return service
+
+    def _add(self, start: Callable[[], RunningService]) -> RunningService:
+        service = start()
+        self.services.append(service)
+        self._starters[service.name] = start
+        return service
+
+    def _add_all(self, starters: list[Callable[[], RunningService]]) -> None:
+        """Start independent components at once: each Python process spends seconds on its
+        imports. Every component that started is kept (so stop() stops it) even when
+        another one failed; the first failure is raised."""
+        errors: list[BaseException] = []
+        with ThreadPoolExecutor(max_workers=len(starters)) as pool:
+            futures = [pool.submit(start) for start in starters]
+            try:
+                wait(futures)
+            finally:
+                # Also on Ctrl-C: what the threads still start must be known to stop().
+                wait(futures)
+                for start, future in zip(starters, futures, strict=True):
+                    error = future.exception()
+                    if error is not None:
+                        errors.append(error)
+                        continue
+                    service = future.result()
+                    self.services.append(service)
+                    self._starters[service.name] = start
+        if errors:
+            raise errors[0]
+
     def _start_all(self) -> None:
         s, logs = self.settings, self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        nats = start_nats(
+        start = functools.partial(
+            start_nats,
             data_dir=self.data_dir / "nats",
             host=s.host,
             port=s.nats_port,
             jetstream=True,
             log_path=logs / "nats.log",
         )
-        self.services.append(nats)
-        redis = start_valkey(
+        nats = self._add(start)
+        # A restart must come back where clients reconnect to, also when the port was picked.
+        self._starters[nats.name] = functools.partial(start, port=nats.port)
+        start = functools.partial(
+            start_valkey,
             data_dir=self.data_dir / "redis",
             host=s.host,
             port=s.redis_port,
             aof=True,
             log_path=logs / "valkey.log",
         )
-        self.services.append(redis)
+        redis = self._add(start)
+        self._starters[redis.name] = functools.partial(start, port=redis.port)
         env = {
             "NATS_URL": nats.url,
             "REDIS_URL": redis.url,
@@ -165,18 +234,23 @@ class Stack:
         grpc_target = f"{s.host}:{s.grpc_port}"
         # With API keys configured, the worker probe below needs one.
         key = probe_key({**os.environ, **env})
-        self.services.append(
-            start_python_service(
-                "cordum-server",
-                [sys.executable, "-m", "cordum.server", "run"],
-                env=env,
-                log_path=logs / "cordum-server.log",
-                ready=lambda: grpc_serving(grpc_target),
-                host=s.host,
-                port=s.grpc_port,
-                url=f"grpc://{grpc_target}",
+        context_port = 0
+        if s.replicas > 1:
+            context_port = self._start_split(env, logs)
+        else:
+            self._add(
+                functools.partial(
+                    start_python_service,
+                    "cordum-server",
+                    [sys.executable, "-m", "cordum.server", "run"],
+                    env=env,
+                    log_path=logs / "cordum-server.log",
+                    ready=functools.partial(grpc_serving, grpc_target),
+                    host=s.host,
+                    port=s.grpc_port,
+                    url=f"grpc://{grpc_target}",
+                )
             )
-        )
         config_path = self.data_dir / "envoy.yaml"
         descriptor = packaged_descriptor()
         config = EnvoyConfig(
@@ -188,6 +262,7 @@ class Stack:
                 grpc_port=s.grpc_port,
                 ws_host=s.host,
                 ws_port=s.ws_port,
+                context_port=context_port,
             ),
             descriptor=descriptor,
             services=tuple(api_services(descriptor)),
@@ -195,8 +270,9 @@ class Stack:
             max_request_bytes=s.max_request_bytes,
         )
         config_path.write_text(config.render())
-        self.services.append(
-            start_envoy(
+        self._add(
+            functools.partial(
+                start_envoy,
                 config_path=config_path,
                 admin_port=s.envoy_admin_port,
                 log_path=logs / "envoy.log",
@@ -208,15 +284,54 @@ class Stack:
                 "REDIS_URL": redis.url,
                 "WORKER_ID": s.worker_id,
             }
-            self.services.append(
-                start_python_service(
+            self._add(
+                functools.partial(
+                    start_python_service,
                     s.worker_id,
                     [sys.executable, str(s.worker_script)],
                     env=worker_env,
                     log_path=logs / f"{s.worker_id}.log",
-                    ready=lambda: worker_registered(grpc_target, s.worker_id, api_key=key),
+                    ready=functools.partial(
+                        worker_registered, grpc_target, s.worker_id, api_key=key
+                    ),
                 )
             )
+
+    def _start_split(self, env: dict[str, str], logs: Path) -> int:
+        """The control plane as one process per role (`replicas` per scaled role), started
+        together; returns the context engine's gRPC port (Envoy routes its calls there)."""
+        s = self.settings
+        ports = {"safety": pick_free_port(s.host), "context": pick_free_port(s.host)}
+        processes: list[tuple[str, str, int]] = [
+            ("safety", "safety", ports["safety"]),
+            ("context", "context", ports["context"]),
+            ("gateway", "gateway", s.grpc_port),
+        ]
+        for i in range(1, s.replicas + 1):
+            processes += [(f"{role}-{i}", role, pick_free_port(s.host)) for role in SCALED_ROLES]
+        shared = {**env, "CORDUM_SAFETY_ADDR": f"{s.host}:{ports['safety']}"}
+        starters = []
+        for name, role, port in processes:
+            own = {**shared, "CORDUM_ROLES": role, "CORDUM_GRPC_PORT": str(port)}
+            if role != "gateway":
+                # Only the gateway's metrics port is published; the others take any free one.
+                own["CORDUM_METRICS_PORT"] = "0"
+            target = f"{s.host}:{port}"
+            starters.append(
+                functools.partial(
+                    start_python_service,
+                    name,
+                    [sys.executable, "-m", "cordum.server", "run"],
+                    env=own,
+                    log_path=logs / f"{name}.log",
+                    ready=functools.partial(grpc_serving, target),
+                    host=s.host,
+                    port=port,
+                    url=f"grpc://{target}",
+                )
+            )
+        self._add_all(starters)
+        return ports["context"]
 
     # -- state ----------------------------------------------------------------------
 
@@ -324,10 +439,13 @@ def probe(state: dict[str, Any], api_key: str | None = None) -> dict[str, dict[s
     }
     result: dict[str, dict[str, Any]] = {}
     for comp in state["components"]:
-        name = comp["name"]
+        name, url = comp["name"], comp["url"] or ""
         alive = _pid_alive(comp["pid"])
-        healthy = alive and checks.get(name, True)
-        if name not in checks:  # the worker: registered with the gateway
+        if name in checks:
+            healthy = alive and checks[name]
+        elif url.startswith("grpc://"):  # a control-plane process of the split layout
+            healthy = alive and grpc_serving(url.removeprefix("grpc://"))
+        else:  # the worker: registered with the gateway
             healthy = alive and worker_registered(ep["grpc"], name, api_key=api_key)
         result[name] = {"pid": comp["pid"], "url": comp["url"], "healthy": healthy}
     return result

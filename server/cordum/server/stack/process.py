@@ -132,6 +132,12 @@ class ManagedProcess:
                 popen.wait()
         return popen.returncode
 
+    def send_signal(self, signum: int) -> None:
+        """Send `signum` (SIGKILL, SIGSTOP, SIGCONT, ...) to the process; a no-op once it
+        has exited. Through the Popen handle, so never to a recycled PID."""
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.send_signal(signum)
+
     @property
     def pid(self) -> int | None:
         return self._popen.pid if self._popen is not None else None

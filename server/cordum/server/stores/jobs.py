@@ -29,14 +29,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
-from redis.exceptions import ResponseError
+from redis.exceptions import BusyLoadingError, ResponseError
 
 from cordum.agent.v1 import job_pb2 as agent_job_pb2
 from cordum.sdk._fastredis import FastRedis, ReplyError
@@ -145,6 +145,7 @@ class CompleteOutcome:
     # worker's output (res:<id>), read in the same script call.
     record: JobRecord | None = None
     result: bytes | None = None
+    topic: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class TransitionOutcome:
     subject: str = ""
     trace_id: str = ""
     missing: bool = False
+    topic: str = ""
 
 
 @dataclass
@@ -221,6 +223,10 @@ class JobStore:
         self.redis = redis
         self.prefix = prefix
         self.limits = limits or StoreLimits()
+        # Told (new state, topic) after each committed transition of `transition()` and of a
+        # worker's result (the transition metrics; admissions are counted by the scheduler,
+        # which knows their topics); must not do I/O.
+        self.on_transition: Callable[[str, str], None] | None = None
         # The hot-path script calls (submit, admit, complete) go through a lean connection
         # of their own: ~15 µs of CPU per round trip instead of redis-py's ~100 (measured).
         pool = redis.connection_pool
@@ -265,6 +271,9 @@ class JobStore:
                 replies[i] = reply
         for reply in replies:
             if isinstance(reply, ReplyError):
+                if str(reply).startswith("LOADING"):
+                    # As redis-py does: a server replaying its AOF is unavailable for now.
+                    raise BusyLoadingError(str(reply))
                 raise ResponseError(str(reply))
         return replies
 
@@ -389,7 +398,12 @@ class JobStore:
                 created.append((SubmitOutcome(status, job_id), None))
             else:
                 created.append((SubmitOutcome("ok", new.job.id), _admit_outcome(reply[1:])))
-        return created, [_complete_outcome(r) for r in replies[len(items) :]]
+        completed = [_complete_outcome(r) for r in replies[len(items) :]]
+        if self.on_transition is not None:
+            for outcome in completed:
+                if outcome.kind in ("done", "retry"):
+                    self.on_transition(outcome.state, outcome.topic)
+        return created, completed
 
     def _complete_args(self, c: Completion, now_ms: int, want_record: bool) -> list[object]:
         return [
@@ -420,9 +434,12 @@ class JobStore:
         dlq_status: str = "",
         dlq_code: str = "",
         fields: dict[str, str | bytes | int] | None = None,
+        expect: dict[str, str | bytes | int] | None = None,
     ) -> TransitionOutcome:
-        pairs: list[object] = []
-        for key, value in (fields or {}).items():
+        """Compare-and-set: the job must be in one of `allowed_from` and hold every field of
+        `expect` (compared as strings; absent = ""), else nothing changes."""
+        pairs: list[object] = [len(expect or {})]
+        for key, value in [*(expect or {}).items(), *(fields or {}).items()]:
             pairs += [key, value]
         reply = await self._transition(
             args=[
@@ -438,7 +455,11 @@ class JobStore:
         )
         kind = _s(reply[0])
         if kind == "ok":
-            return TransitionOutcome(True, _s(reply[1]), _s(reply[2]), _s(reply[3]), _s(reply[4]))
+            if self.on_transition is not None:
+                self.on_transition(to, _s(reply[5]))
+            return TransitionOutcome(
+                True, _s(reply[1]), _s(reply[2]), _s(reply[3]), _s(reply[4]), topic=_s(reply[5])
+            )
         if kind == "missing":
             return TransitionOutcome(False, missing=True)
         return TransitionOutcome(False, previous=_s(reply[1]))
@@ -610,11 +631,19 @@ def _admit_outcome(reply: Sequence[Any]) -> AdmitOutcome:
 def _complete_outcome(reply: Sequence[Any]) -> CompleteOutcome:
     kind = _s(reply[0])
     if kind == "retry":
-        return CompleteOutcome(kind, "PENDING", int(reply[1]))
-    if kind == "done" and len(reply) > 2:
+        return CompleteOutcome(kind, "PENDING", int(reply[1]), topic=_s(reply[2]))
+    if kind == "done" and len(reply) > 3:
         flat = reply[2]
         raw = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-        return CompleteOutcome(kind, _s(reply[1]), record=record_from_hash(raw), result=reply[3])
+        return CompleteOutcome(
+            kind,
+            _s(reply[1]),
+            record=record_from_hash(raw),
+            result=reply[3],
+            topic=_s(reply[4]),
+        )
+    if kind == "done":
+        return CompleteOutcome(kind, _s(reply[1]), topic=_s(reply[2]))
     return CompleteOutcome(kind, _s(reply[1]) if len(reply) > 1 else "")
 
 

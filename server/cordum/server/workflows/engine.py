@@ -41,6 +41,9 @@ from nats.aio.subscription import Subscription
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
 from cordum.server.bus import Subjects
+from cordum.server.bus_trust import BusTrust
+from cordum.server.inbound import Inbound
+from cordum.server.jetstream import DurablePublisher
 from cordum.server.services.job_events import WORKFLOW_KIND, job_event
 from cordum.server.stores.jobs import ACTIVE, TERMINAL, JobStore, record_from_hash, state_name
 from cordum.server.workflows import dag
@@ -86,11 +89,17 @@ class RunEffects:
         nats: NATS,
         subjects: Subjects,
         sender_id: str = "workflow-engine",
+        trust: BusTrust | None = None,
+        durable: DurablePublisher | None = None,
     ) -> None:
         self.jobs = jobs
         self.nats = nats
+        # Step job submits (JetStream mode: acked by the stream, with message ids).
+        self.durable = durable or DurablePublisher(nats)
         self.subjects = subjects
         self.sender_id = sender_id
+        # Signs what we publish (when the App has a key).
+        self.trust = trust or BusTrust()
         self.events_subject = run_events_subject(subjects)
         # Job ids this process cancelled: their CANCELLED events need no pass.
         self.cancelled: OrderedDict[str, None] = OrderedDict()
@@ -102,7 +111,7 @@ class RunEffects:
             await self.cancel_jobs(plan.cancels)
         for alert in plan.alerts:
             packet = cap.envelope(sender_id=self.sender_id, trace_id=run.id, alert=alert)
-            await self.nats.publish(self.subjects.workflow_event, cap.encode(packet))
+            await self.nats.publish(self.subjects.workflow_event, self.trust.encode(packet))
         await self.publish_events(plan.events)
 
     async def dispatch(
@@ -118,7 +127,9 @@ class RunEffects:
                 packet = cap.envelope(
                     sender_id=self.sender_id, trace_id=run.id, job_request=new.request
                 )
-                await self.nats.publish(self.subjects.submit, cap.encode(packet))
+                await self.durable.publish(
+                    self.subjects.submit, self.trust.encode(packet), msg_id=f"{new.job.id}:submit"
+                )
 
     async def cancel_jobs(self, cancels: Iterable[tuple[str, str]]) -> None:
         for job_id, reason in cancels:
@@ -136,15 +147,17 @@ class RunEffects:
                 self.cancelled.popitem(last=False)
             cancel = agent.JobCancel(job_id=job_id, reason=reason, requested_by=self.sender_id)
             packet = cap.envelope(sender_id=self.sender_id, trace_id=job_id, job_cancel=cancel)
-            await self.nats.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
-            await self.nats.publish(
-                self.subjects.job_events, job_event(job_id, "CANCELLED", reason)
-            )
+            await self.nats.publish(cap.SUBJECT_CANCEL, self.trust.encode(packet))
+            await self.publish_job_event(job_id, "CANCELLED", reason)
 
     async def publish_events(self, events: Sequence[run_pb2.RunEvent]) -> None:
         if events:
-            message = run_service_pb2.GetRunTimelineResponse(events=events)
-            await self.nats.publish(self.events_subject, message.SerializeToString())
+            data = run_service_pb2.GetRunTimelineResponse(events=events).SerializeToString()
+            await self.nats.publish(self.events_subject, data, headers=self.trust.headers(data))
+
+    async def publish_job_event(self, job_id: str, state: str, why: str) -> None:
+        data = job_event(job_id, state, why)
+        await self.nats.publish(self.subjects.job_events, data, headers=self.trust.headers(data))
 
 
 class DefinitionCache:
@@ -215,12 +228,14 @@ class Engine:
         effects: RunEffects,
         schemas: SchemaLookup | None,
         config: EngineConfig | None = None,
+        inbound: Inbound | None = None,
     ) -> None:
         self.store = store
         self.jobs = jobs
         self.nats = nats
         self.subjects = subjects
         self.effects = effects
+        self.inbound = inbound or Inbound()
         self.schemas = schemas
         self.config = config or EngineConfig()
         self._mail: dict[str, _Mail] = {}
@@ -282,11 +297,7 @@ class Engine:
     # -- intake -----------------------------------------------------------------------
 
     async def _on_job_event(self, msg: Msg) -> None:
-        try:
-            event = _decode_job_event(msg.data)
-        except Exception:
-            logger.warning("dropped undecodable job event")
-            return
+        event = self.inbound.message(msg, "job_event", _decode_job_event)
         if event is None:
             return
         job_id, state = event
@@ -300,7 +311,7 @@ class Engine:
         self._post(ref.run_id).jobs[job_id] = state
 
     async def _on_advance(self, msg: Msg) -> None:
-        run_id = msg.data.decode(errors="replace").strip()
+        run_id = self.inbound.message(msg, "run_advance", _decode_run_id)
         if run_id:
             self.poke(run_id)
 
@@ -477,8 +488,8 @@ class Engine:
             packet = cap.envelope(
                 sender_id=self.effects.sender_id, trace_id=job_id, job_cancel=cancel
             )
-            await self.nats.publish(cap.SUBJECT_CANCEL, cap.encode(packet))
-            await self.nats.publish(self.subjects.job_events, job_event(job_id, "TIMEOUT", why))
+            await self.nats.publish(cap.SUBJECT_CANCEL, self.effects.trust.encode(packet))
+            await self.effects.publish_job_event(job_id, "TIMEOUT", why)
             return JobOutcome(
                 job_id=job_id, state="TIMEOUT", error_message=why, error_code="TIMEOUT"
             )
@@ -533,6 +544,10 @@ class Engine:
             except Exception:
                 logger.exception("workflow timer poll failed; retrying")
             await asyncio.sleep(cfg.timer_poll_s)
+
+
+def _decode_run_id(data: bytes) -> str:
+    return data.decode().strip()
 
 
 def _decode_job_event(data: bytes) -> tuple[str, str] | None:

@@ -11,6 +11,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from cordum.server.inbound import Inbound
 from cordum.v1 import run_pb2, run_service_pb2
 
 logger = logging.getLogger(__name__)
@@ -19,10 +20,13 @@ logger = logging.getLogger(__name__)
 class RunEventHub:
     """Fans run events out to local listeners by run id (one bus subscription per process)."""
 
-    def __init__(self, nats: NATS, subject: str, *, queue_size: int = 256) -> None:
+    def __init__(
+        self, nats: NATS, subject: str, *, queue_size: int = 256, inbound: Inbound | None = None
+    ) -> None:
         self._nats = nats
         self._subject = subject
         self._queue_size = queue_size
+        self._inbound = inbound or Inbound()
         self._listeners: dict[str, set[asyncio.Queue[list[run_pb2.RunEvent]]]] = defaultdict(set)
         self._sub: Subscription | None = None
 
@@ -35,13 +39,12 @@ class RunEventHub:
             self._sub = None
 
     async def _on_message(self, msg: Msg) -> None:
-        try:
-            events = list(run_service_pb2.GetRunTimelineResponse.FromString(msg.data).events)
-        except Exception:  # a foreign or corrupt message on our subject
-            logger.warning("dropped undecodable run events")
+        timeline = self._inbound.message(
+            msg, "run_event", run_service_pb2.GetRunTimelineResponse.FromString
+        )
+        if timeline is None or not timeline.events:
             return
-        if not events:
-            return
+        events = list(timeline.events)
         for queue in list(self._listeners.get(events[0].run_id) or ()):
             if queue.full():
                 # A slow watcher loses a batch (it re-reads the gap from the timeline).

@@ -19,6 +19,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+from cordum.server.metrics import Metrics
 from cordum.server.stores.jobs import TERMINAL
 from cordum.server.workflows import dag
 from cordum.server.workflows.engine import Engine, now_ms
@@ -52,12 +53,14 @@ class WorkflowReconciler:
         owner: str = "",
         # A RUNNING step younger than this may still be between its write and its submit.
         lost_after_ms: int = 2000,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.store = engine.store
         self.interval_s = interval_s
         self.owner = f"{owner}-{uuid.uuid4().hex[:6]}"
         self.lost_after_ms = lost_after_ms
+        self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._release = self.store.redis.register_script(_RELEASE)
         self._trimmed_at = 0.0
@@ -106,6 +109,10 @@ class WorkflowReconciler:
                 report.trimmed = await self.store.trim_indexes(horizon)
         finally:
             await self._release(keys=[lock], args=[self.owner])
+            if self.metrics is not None:
+                for action in ("missed", "lost", "trimmed"):
+                    if count := getattr(report, action):
+                        self.metrics.reconciler_actions.labels("workflows", action).inc(count)
         if report.missed or report.lost:
             logger.info(
                 "workflow reconciler: %d missed results, %d lost dispatches",

@@ -19,6 +19,9 @@ from redis.asyncio import Redis
 
 from cordum.server.api.workflow_servicer import RunServicer, WorkflowServicer
 from cordum.server.bus import Subjects
+from cordum.server.inbound import Inbound
+from cordum.server.jetstream import DurablePublisher
+from cordum.server.metrics import Metrics
 from cordum.server.stores.jobs import JobStore
 from cordum.server.workflows.definition import RedisSchemaLookup, SchemaLookup
 from cordum.server.workflows.engine import (
@@ -61,7 +64,14 @@ class WorkflowRuntime:
         jobs: JobStore,
         settings: WorkflowSettings,
         schemas: SchemaLookup | None = None,
+        inbound: Inbound | None = None,
+        metrics: Metrics | None = None,
+        durable: DurablePublisher | None = None,
     ) -> None:
+        self.metrics = metrics
+        # Decodes (and verifies) what the engine and the run hub receive; its trust signs
+        # what they publish.
+        self.inbound = inbound or Inbound()
         self.redis = redis
         self.nats = nats
         self.subjects = subjects
@@ -74,8 +84,12 @@ class WorkflowRuntime:
                 run_ttl_s=settings.run_ttl_s, idempotency_ttl_s=settings.idempotency_ttl_s
             ),
         )
+        if metrics is not None:
+            self.store.on_status = lambda status: metrics.workflow_runs.labels(status).inc()
         self.schemas = schemas or RedisSchemaLookup(redis, settings.prefix)
-        self.effects = RunEffects(jobs=jobs, nats=nats, subjects=subjects)
+        self.effects = RunEffects(
+            jobs=jobs, nats=nats, subjects=subjects, trust=self.inbound.trust, durable=durable
+        )
         self.engine: Engine | None = None
         self.reconciler: WorkflowReconciler | None = None
         self.hub: RunEventHub | None = None
@@ -93,6 +107,7 @@ class WorkflowRuntime:
             effects=self.effects,
             schemas=self.schemas,
             config=self.settings.engine,
+            inbound=self.inbound,
         )
 
     async def start_engine(self) -> Engine:
@@ -103,6 +118,7 @@ class WorkflowRuntime:
             engine=engine,
             interval_s=self.settings.reconcile_interval_s,
             owner=self.settings.instance_id,
+            metrics=self.metrics,
         )
         await reconciler.start()
         self.engine, self.reconciler = engine, reconciler
@@ -119,7 +135,7 @@ class WorkflowRuntime:
     # -- the API (gateway role) ---------------------------------------------------------
 
     async def serve(self, server: grpc.aio.Server) -> None:
-        self.hub = RunEventHub(self.nats, run_events_subject(self.subjects))
+        self.hub = RunEventHub(self.nats, run_events_subject(self.subjects), inbound=self.inbound)
         await self.hub.start()
         self.workflows = WorkflowService(store=self.store, schemas=self.schemas)
         self.runs = RunService(
@@ -142,7 +158,10 @@ class WorkflowRuntime:
             except TimeoutError:
                 logger.debug("engine pass over %s still running; answering", run_id)
             return
-        await self.nats.publish(advance_subject(self.subjects), run_id.encode())
+        data = run_id.encode()
+        await self.nats.publish(
+            advance_subject(self.subjects), data, headers=self.inbound.trust.headers(data)
+        )
 
     async def stop(self) -> None:
         await self.stop_engine()

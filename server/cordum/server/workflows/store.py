@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -113,6 +113,9 @@ class WorkflowStore:
         self._timeline = _script(redis, "wf_timeline.lua")
         self._def_save = _script(redis, "wf_def_save.lua")
         self._def_delete = _script(redis, "wf_def_delete.lua")
+        # Told the new status name after each write that started a run or changed its status
+        # (the run metrics); must not do I/O.
+        self.on_status: Callable[[str], None] | None = None
 
     # -- keys -------------------------------------------------------------------------
 
@@ -202,6 +205,8 @@ class WorkflowStore:
         if kind == "replay":
             run_id, _, stored_hash = _s(reply[1]).partition("|")
             return CreateOutcome("replay", run_id, stored_hash)
+        if kind == "ok" and self.on_status is not None:
+            self.on_status(status_name(run.status))
         return CreateOutcome(kind, run.id)
 
     async def load_run(self, run_id: str) -> StoredRun | None:
@@ -247,6 +252,10 @@ class WorkflowStore:
         )
         if _s(reply[0]) != "ok":
             return None
+        # Compared with what Redis held: callers often change `stored.run` in place.
+        status = status_name(run.status)
+        if self.on_status is not None and _s(reply[2]) != status:
+            self.on_status(status)
         return str(reply[1])
 
     async def set_timer(self, run_id: str, ver: str, wake_ms: int) -> bool:

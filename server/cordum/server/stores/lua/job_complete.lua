@@ -6,13 +6,15 @@
 --       backoff_base_ms (-1 = never retry), dlq_max, backoff_cap_ms,
 --       want_record ('1': a 'done' reply also carries the record and the result, for a
 --       caller waiting in this process, saving it a read)
--- Returns {'done', state[, HGETALL of the record, GET of res_key]} | {'retry', attempts} |
---         {'ignored', state} | {'unknown'}
+-- Returns {'done', state[, HGETALL of the record, GET of res_key], topic} |
+--         {'retry', attempts, topic} | {'ignored', state} | {'unknown'}
+-- (the topic labels the caller's transition metrics: read with the fields it reads anyway)
 local id, now, ttl, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local status = ARGV[6]
 local k = jkey(id)
 local f = redis.call('HMGET', k, 'state', 'tenant', 'attempts', 'max_retries', 'created_ms',
-  'deadline_ms')
+  'deadline_ms', 'topic')
+local topic = f[7] or ''
 local state, tenant = f[1], f[2]
 if not state then return {'unknown'} end
 -- Workers write res:<id> without a TTL; we own its hygiene (no-op when it is absent).
@@ -34,9 +36,9 @@ local function done(final)
   if ARGV[18] == '1' then
     local result = false
     if ARGV[13] ~= '' then result = redis.call('GET', ARGV[13]) end
-    return {'done', final, redis.call('HGETALL', k), result}
+    return {'done', final, redis.call('HGETALL', k), result, topic}
   end
-  return {'done', final}
+  return {'done', final, topic}
 end
 if status == 'SUCCEEDED' then
   push(extra, 'result_ptr', ARGV[7])
@@ -51,7 +53,7 @@ if (status == 'FAILED' or status == 'TIMEOUT') and base >= 0 and attempts <= max
   redis.call('ZADD', P .. 'jobs:due', now + backoff, id)
   move(J, 'PENDING', now, 'attempt ' .. attempts .. ' ' .. status .. ': ' .. ARGV[11], limit,
     ttl, extra)
-  return {'retry', attempts}
+  return {'retry', attempts, topic}
 end
 move(J, status, now, status .. ': ' .. ARGV[11], limit, ttl, extra)
 local code = ARGV[10]

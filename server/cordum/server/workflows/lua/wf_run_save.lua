@@ -3,7 +3,7 @@
 -- a writer that read an older version gets 'conflict', reloads and recomputes.
 -- ARGV: prefix, id, expected_ver, data, status, now_ms, terminal (0/1), ttl_s, wake_ms,
 --       timeline_limit, n_events, events...
--- Returns {'ok', new_ver} | {'conflict', current_ver} | {'missing'}
+-- Returns {'ok', new_ver, previous_status} | {'conflict', current_ver} | {'missing'}
 local id = ARGV[2]
 local k = rkey(id)
 local f = redis.call('HMGET', k, 'ver', 'status', 'tenant', 'wf', 'seq')
@@ -19,4 +19,4 @@ index_run(id, f[3], f[4], f[2], ARGV[5], now, terminal)
 append_events(id, 12, n, tonumber(ARGV[10]))
 set_timer(id, tonumber(ARGV[9]))
 expire_run(id, terminal, tonumber(ARGV[8]))
-return {'ok', ver}
+return {'ok', ver, f[2] or ''}

@@ -1,0 +1,1 @@
+"""The fault-injection suite (`make chaos`; a bounded subset runs in `make test`)."""
