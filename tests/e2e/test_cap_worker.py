@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import time
 import uuid
-import venv
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,14 +46,12 @@ from cordum.v1 import (
     status_service_pb2_grpc,
 )
 
+from support.cap_venv import cap_env, ensure_cap_python
 from support.cordum import app_settings, running_app, write_config
 from support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-CAP_VERSION = "2.17.0"
-CAP_VENV = ROOT / ".venv-cap"
 WAIT = 20.0  # upper bound for anything expected to happen
 JS = v1_job_pb2.JobState
 J = job_service_pb2
@@ -134,31 +130,10 @@ asyncio.run(main())
 # -- the CAP venv ---------------------------------------------------------------------------
 
 
-def _cap_installed(python: Path) -> bool:
-    if not python.exists():
-        return False
-    probe = (
-        "import importlib.metadata as m, cap.runtime, cap.client;"
-        f"assert m.version('cap-sdk-python') == {CAP_VERSION!r}"
-    )
-    return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
-
-
 @pytest.fixture(scope="session")
 def cap_python() -> Path:
     """Python of a venv holding cap-sdk-python 2.17.0 (built once, then reused)."""
-    python = CAP_VENV / "bin" / "python"
-    with open(ROOT / ".venv-cap.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sessions build it once
-        if not _cap_installed(python):
-            venv.EnvBuilder(with_pip=True, clear=True).create(CAP_VENV)
-            subprocess.run(
-                [python, "-m", "pip", "install", "--quiet", f"cap-sdk-python=={CAP_VERSION}"],
-                check=True,
-                timeout=600,
-            )
-            assert _cap_installed(python), "cap-sdk-python did not install"
-    return python
+    return ensure_cap_python()
 
 
 async def run_cap(python: Path, script: str, *, env: dict[str, str], stdin: bytes = b"") -> str:
@@ -175,12 +150,6 @@ async def run_cap(python: Path, script: str, *, env: dict[str, str], stdin: byte
     out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
     assert proc.returncode == 0, f"CAP script failed ({proc.returncode}):\n{err.decode()}"
     return out.decode()
-
-
-def cap_env(nats_url: str, redis_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORDUM_", "PYTHON"))}
-    env.update(NATS_URL=nats_url, REDIS_URL=redis_url, PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 async def cap_admits(python: Path, packets: list[bytes]) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 running a CAP worker process from it.
 
 The venv is ``.venv-cap`` at the repository root (gitignored), built once under a file lock
-and shared with ``tests/e2e/test_cap_worker.py``, which builds the same venv the same way.
+and shared by every test that runs a real CAP worker.
 """
 
 from __future__ import annotations

@@ -268,3 +268,57 @@ def test_stale_and_duplicate_outcomes_are_ignored() -> None:
     sim.ok("a", 2)
     assert sim.step([JobOutcome(sim.job("a"), "FAILED")]).events == []
     assert run_status(sim.run) == "SUCCEEDED"
+
+
+SUB = {"type": "subworkflow", "workflow_id": "other", "input": {"v": "${input.v}"}}
+
+
+def test_a_subworkflow_attempt_names_a_derived_child_run_and_takes_its_outcome() -> None:
+    sim = Sim(
+        {"sub": {**SUB, "retry": {"max_retries": 1}}, "after": {**JOB, "depends_on": ["sub"]}},
+        {"v": 3},
+    )
+    plan = sim.step()
+    first = dag.child_run_id(sim.run.id, "sub", 1)
+    assert [(c.key, c.run_id, c.payload) for c in plan.children] == [("sub", first, {"v": 3})]
+    assert first == dag.child_run_id(sim.run.id, "sub", 1) != dag.child_run_id(sim.run.id, "sub", 2)
+    assert sim.run.steps["sub"].child_run_id == first and not plan.dispatches
+    failed = JobOutcome("", "FAILED", error_message="child failed")
+    sim.plans.append(
+        dag.advance(sim.run, sim.wf, sim.now, children=[dag.ChildOutcome("sub", first, failed)])
+    )
+    assert status(sim.run, "sub") == "PENDING"  # retry backoff
+    plan = sim.step(at=sim.now + 60_000)
+    second = dag.child_run_id(sim.run.id, "sub", 2)
+    assert [c.run_id for c in plan.children] == [second]
+    # The first child's late outcome is stale: ignored.
+    stale = dag.ChildOutcome("sub", first, JobOutcome("", "SUCCEEDED", output={"x": 1}))
+    dag.advance(sim.run, sim.wf, sim.now, children=[stale])
+    assert status(sim.run, "sub") == "RUNNING"
+    done = dag.ChildOutcome("sub", second, JobOutcome("", "SUCCEEDED", output={"x": 2}))
+    plan = dag.advance(sim.run, sim.wf, sim.now, children=[done])
+    assert value(sim.run.steps["sub"].output) == {"x": 2}
+    assert [d.key for d in plan.dispatches] == ["after"]
+
+
+def test_ending_a_run_cancels_its_running_children_and_depth_is_bounded() -> None:
+    sim = Sim({"sub": SUB, "other": JOB}, {"v": 1})
+    sim.step()
+    child = sim.run.steps["sub"].child_run_id
+    plan = dag.cancel(sim.run, sim.wf, sim.now, "stop")
+    assert plan.child_cancels == [(child, "stop")]
+    deep = Sim({"sub": SUB}, {"v": 1})
+    deep.run.depth = dag.MAX_DEPTH
+    plan = deep.step()
+    assert not plan.children and run_status(deep.run) == "FAILED"
+    assert deep.run.steps["sub"].error.code == "DEPTH_EXCEEDED"
+
+
+def test_a_subworkflow_step_timeout_cancels_the_child_and_times_the_attempt_out() -> None:
+    sim = Sim({"sub": {**SUB, "timeout_sec": 5}}, {"v": 1})
+    plan = sim.step()
+    child = sim.run.steps["sub"].child_run_id
+    assert plan.wake_ms == sim.now + 5000
+    plan = sim.step(at=sim.now + 5000)
+    assert plan.child_cancels[0][0] == child
+    assert status(sim.run, "sub") == "TIMED_OUT" and run_status(sim.run) == "TIMED_OUT"

@@ -136,7 +136,9 @@ def test_expressions_may_only_read_steps_that_run_before() -> None:
 @pytest.mark.parametrize(
     ("step", "field"),
     [
-        ({"type": "subworkflow", "workflow_id": "x"}, "steps.s.type"),
+        ({"type": "subworkflow"}, "steps.s.workflow_id"),
+        ({"type": "subworkflow", "workflow_id": "x", "topic": "job.x"}, "steps.s.topic"),
+        ({"topic": "job.x", "workflow_id": "x"}, "steps.s.workflow_id"),
         ({"type": "notify", "retry": {"max_retries": 1}}, "steps.s.retry"),
         ({"type": "condition", "condition": "true", "input": {"a": 1}}, "steps.s.input"),
         ({"topic": "job.x", "delay_sec": 3}, "steps.s.delay_sec"),

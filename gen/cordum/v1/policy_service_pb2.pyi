@@ -34,7 +34,9 @@ class ExplainPolicyResponse(_message.Message):
     def decision(self) -> _safety_pb2.PolicyCheckResponse: ...
     @_builtins.property
     def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.RuleEvaluation]:
-        """Rules in evaluation order, up to and including the one that decided."""
+        """Every rule in evaluation order, whether it matched and why; a rule that matched after
+        the deciding one says so ("not decisive"), which shows the rules it shadows.
+        """
 
     @_builtins.property
     def overrides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

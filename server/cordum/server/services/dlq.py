@@ -37,7 +37,7 @@ from cordum.sdk import cap
 from cordum.server.errors import CordumError, Violations, invalid_field, not_found
 from cordum.server.services.caller import Caller
 from cordum.server.services.job_validation import BuiltJob
-from cordum.server.services.jobs import JobService, Submitted, now_ms
+from cordum.server.services.jobs import RUNTIME_FIELDS, JobService, Submitted, now_ms
 from cordum.server.stores.dlq import DLQPage, DLQRecord, DLQStore
 from cordum.server.stores.jobs import NewJob, ms_timestamp
 from cordum.v1 import error_reason_pb2, job_pb2
@@ -48,23 +48,6 @@ ID_RE = re.compile(r"^[A-Za-z0-9._:@\[\]-]{1,200}$")
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 RETRY_LABEL = "retry_of"
-# Runtime state of the original that a new job must not inherit.
-_RUNTIME_FIELDS = (
-    "state",
-    "safety",
-    "approval",
-    "result_ptr",
-    "worker_id",
-    "error_code",
-    "error_message",
-    "execution_ms",
-    "attempts",
-    "pending_reason",
-    "created_at",
-    "updated_at",
-    "deadline",
-    "artifact_ptrs",
-)
 
 
 def _missing(job_id: str) -> CordumError:
@@ -203,7 +186,7 @@ class DLQService:
         # continues that memory rather than starting an empty one.
         new_job = job_pb2.Job()
         new_job.CopyFrom(job)
-        for name in _RUNTIME_FIELDS:
+        for name in RUNTIME_FIELDS:
             new_job.ClearField(name)
         new_job.id = new_id
         new_job.parent_job_id = job.id

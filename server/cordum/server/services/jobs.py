@@ -54,6 +54,24 @@ from cordum.server.stores.jobs import (
 from cordum.server.tracing import Tracing
 from cordum.v1 import error_reason_pb2, job_pb2, job_service_pb2
 
+# Runtime state of a job that a job made from it (remediation, DLQ retry) must not inherit.
+RUNTIME_FIELDS = (
+    "state",
+    "safety",
+    "approval",
+    "result_ptr",
+    "worker_id",
+    "error_code",
+    "error_message",
+    "execution_ms",
+    "attempts",
+    "pending_reason",
+    "created_at",
+    "updated_at",
+    "deadline",
+    "artifact_ptrs",
+)
+
 logger = logging.getLogger(__name__)
 R = error_reason_pb2
 
@@ -446,22 +464,7 @@ class JobService:
         request.meta.labels.update(labels)
         job = job_pb2.Job()
         job.CopyFrom(record.job)
-        for name in (
-            "state",
-            "safety",
-            "approval",
-            "result_ptr",
-            "worker_id",
-            "error_code",
-            "error_message",
-            "execution_ms",
-            "attempts",
-            "pending_reason",
-            "created_at",
-            "updated_at",
-            "deadline",
-            "artifact_ptrs",
-        ):
+        for name in RUNTIME_FIELDS:
             job.ClearField(name)
         job.id = new_id
         job.parent_job_id = job_id

@@ -33,6 +33,12 @@ Rules (where upstream was silent or wrong, the choice is documented here and tes
   recorded (job inputs, for_each children, alerts) and marked SUCCEEDED, except a false
   condition (SKIPPED) and its branch; an expression or schema problem is recorded on the
   step's `error` instead of failing the run, so one dry run shows every problem.
+- Subworkflow steps (see subworkflows.py) go through the same attempt logic as job steps:
+  an attempt starts a child run (id derived from run id, step key and attempt, so a
+  repeated start is the same run) instead of a job; the child's terminal state is its
+  outcome (CANCELLED counts as FAILED, so retries apply); `timeout_sec` bounds each child
+  run (then the child is cancelled and the attempt TIMES OUT). A dry run resolves the
+  input and starts no child. Ending the run cancels its running children.
 - Outputs: a job step's output is the worker's JSON result (inlined when at most 256 KiB,
   else null with `result_ptr` set); a for_each parent's output is the list of its
   children's outputs, in item order; `output_path` writes the output into the run context.
@@ -45,6 +51,7 @@ import json
 import math
 import random
 import re
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +107,18 @@ JOB_ID_RE = re.compile(
 
 def step_job_id(run_id: str, key: str, attempt: int) -> str:
     return f"{run_id}:{key}@{attempt}"
+
+
+# Child run ids are UUIDs (run ids are), derived so that starting one attempt twice (a
+# crash between recording the attempt and creating the child) names the same run.
+CHILD_RUN_NAMESPACE = uuid.UUID("5b0f8f6e-3c1a-4f7e-9a57-8d1c2e6b9f10")
+# Nesting levels below a run started through the API: a bound on recursion through data
+# (cycles between definitions are refused when they are saved).
+MAX_DEPTH = 8
+
+
+def child_run_id(run_id: str, key: str, attempt: int) -> str:
+    return str(uuid.uuid5(CHILD_RUN_NAMESPACE, step_job_id(run_id, key, attempt)))
 
 
 @dataclass(frozen=True)
@@ -174,10 +193,33 @@ class Dispatch:
 
 
 @dataclass
+class ChildStart:
+    """A subworkflow step attempt: the child run to create."""
+
+    key: str
+    step: CompiledStep
+    run_id: str
+    attempt: int
+    payload: JSON
+
+
+@dataclass
+class ChildOutcome:
+    """A child run's terminal state, as an outcome of the parent step's attempt."""
+
+    key: str
+    child_run_id: str
+    outcome: JobOutcome
+
+
+@dataclass
 class Plan:
     run: run_pb2.Run
     events: list[run_pb2.RunEvent] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
+    children: list[ChildStart] = field(default_factory=list)
+    # (child run id, reason)
+    child_cancels: list[tuple[str, str]] = field(default_factory=list)
     # (job_id, reason)
     cancels: list[tuple[str, str]] = field(default_factory=list)
     alerts: list[alert_pb2.SystemAlert] = field(default_factory=list)
@@ -388,6 +430,15 @@ class _Pass:
         if job_id and not self.dry:
             self.plan.cancels.append((job_id, reason))
 
+    def stop_attempt(self, sr: run_pb2.StepRun, reason: str) -> None:
+        """Cancel what a RUNNING step attempt has in flight: its job or its child run."""
+        if sr.status != R.STEP_STATUS_RUNNING or self.dry:
+            return
+        if sr.job_id:
+            self.plan.cancels.append((sr.job_id, reason))
+        if sr.child_run_id:
+            self.plan.child_cancels.append((sr.child_run_id, reason))
+
     # -- failures -------------------------------------------------------------------------
 
     def step_failed(self, key: str) -> None:
@@ -402,10 +453,7 @@ class _Pass:
                 csr = self.run.steps.get(child)
                 if csr is None or csr.status in TERMINAL_STEP:
                     continue
-                self.cancel_job(
-                    csr.job_id if csr.status == R.STEP_STATUS_RUNNING else "",
-                    f"sibling {key} failed",
-                )
+                self.stop_attempt(csr, f"sibling {key} failed")
                 csr.status = R.STEP_STATUS_CANCELLED
                 csr.completed_at.FromMilliseconds(self.now)
                 csr.ClearField("next_attempt_at")
@@ -441,8 +489,7 @@ class _Pass:
         for key, sr in run.steps.items():
             if sr.status in TERMINAL_STEP:
                 continue
-            if sr.status == R.STEP_STATUS_RUNNING and sr.job_id:
-                self.cancel_job(sr.job_id, message)
+            self.stop_attempt(sr, message)
             sr.status = R.STEP_STATUS_CANCELLED
             sr.ClearField("next_attempt_at")
             if sr.HasField("started_at"):
@@ -479,28 +526,60 @@ class _Pass:
         cs = self.wf.steps.get(ref.step_id)
         if cs is None:
             return
+        self.resolve(ref.key, cs, sr, outcome)
+
+    def apply_child(self, child: ChildOutcome) -> None:
+        if self.ended:
+            return
+        sr = self.run.steps.get(child.key)
+        if sr is None or sr.child_run_id != child.child_run_id:
+            return  # an older attempt's child
+        if sr.status != R.STEP_STATUS_RUNNING:
+            return
+        cs = self.wf.steps.get(child.key.partition("[")[0])
+        if cs is None:
+            return
+        self.resolve(child.key, cs, sr, child.outcome)
+
+    def time_out_children(self) -> None:
+        """Subworkflow attempts past their step's timeout_sec: cancel the child, TIMEOUT."""
+        for key in sorted(self.run.steps):
+            sr = self.run.steps[key]
+            if sr.status != R.STEP_STATUS_RUNNING or not sr.child_run_id:
+                continue
+            cs = self.wf.steps.get(key.partition("[")[0])
+            if cs is None or not cs.timeout_ms:
+                continue
+            if sr.started_at.ToMilliseconds() + cs.timeout_ms > self.now:
+                continue
+            why = f"step timeout ({cs.timeout_ms // 1000}s) exceeded"
+            self.stop_attempt(sr, why)
+            self.resolve(key, cs, sr, JobOutcome(job_id="", state="TIMEOUT", error_message=why))
+
+    def resolve(self, key: str, cs: CompiledStep, sr: run_pb2.StepRun, outcome: JobOutcome) -> None:
+        """A RUNNING attempt's outcome: success, a retry, or the step's end."""
         state = outcome.state
         if state == "APPROVAL_REQUIRED":
             self.step_event(
                 "step_job_approval_required",
-                ref.key,
+                key,
                 sr,
                 job_id=outcome.job_id,
                 message=outcome.error_message or "the job waits for a human approval",
             )
             return
         if state == "SUCCEEDED":
-            self._succeeded(ref.key, cs, sr, outcome)
+            self._succeeded(key, cs, sr, outcome)
             return
         message = outcome.error_message or f"job {state.lower()}"
         if state in ("FAILED", "TIMEOUT") and sr.attempts <= cs.backoff.max_retries:
             delay = cs.backoff.delay_ms(sr.attempts, self.rand())
             sr.status = R.STEP_STATUS_PENDING
             sr.next_attempt_at.FromMilliseconds(self.now + delay)
-            sr.error.CopyFrom(R.RunError(message=message, step_id=ref.key, code=state))
+            sr.error.CopyFrom(R.RunError(message=message, step_id=key, code=state))
             self.step_event(
                 "step_retry_scheduled",
-                ref.key,
+                key,
                 sr,
                 job_id=outcome.job_id,
                 message=f"attempt {sr.attempts} {state.lower()}: {message}",
@@ -512,13 +591,13 @@ class _Pass:
             "CANCELLED": R.STEP_STATUS_CANCELLED,
         }.get(state, R.STEP_STATUS_FAILED)
         self.finish_step(
-            ref.key,
+            key,
             status,
             message=message,
             code=outcome.error_code or state,
             job_id=outcome.job_id,
         )
-        self.step_failed(ref.key)
+        self.step_failed(key)
 
     def _succeeded(
         self, key: str, cs: CompiledStep, sr: run_pb2.StepRun, outcome: JobOutcome
@@ -573,7 +652,7 @@ class _Pass:
             if gated and not self.gate(cs, sr):
                 return
         kind = cs.kind
-        if kind == "job":
+        if kind in ("job", "subworkflow"):
             if cs.for_each is not None:
                 self.fan_out(cs, sr)
             else:
@@ -709,6 +788,8 @@ class _Pass:
             )
             return True
         attempt = sr.attempts + 1
+        if cs.kind == "subworkflow":
+            return self.start_child(cs, key, sr, attempt, value, index)
         job_id = step_job_id(self.run.id, key, attempt)
         sr.attempts = attempt
         sr.job_id = job_id
@@ -731,6 +812,44 @@ class _Pass:
         if index is not None:
             data["foreach_index"] = index
         self.step_event("step_dispatched", key, sr, job_id=job_id, data=data)
+        return True
+
+    def start_child(
+        self,
+        cs: CompiledStep,
+        key: str,
+        sr: run_pb2.StepRun,
+        attempt: int,
+        payload: JSON,
+        index: int | None,
+    ) -> bool:
+        if self.run.depth + 1 > MAX_DEPTH:
+            self.fail(
+                key,
+                "step_depth_exceeded",
+                f"a child run would be nested {self.run.depth + 1} levels deep; "
+                f"at most {MAX_DEPTH}",
+                "DEPTH_EXCEEDED",
+            )
+            return False
+        run_id = child_run_id(self.run.id, key, attempt)
+        sr.attempts = attempt
+        sr.child_run_id = run_id
+        sr.status = R.STEP_STATUS_RUNNING
+        sr.started_at.FromMilliseconds(self.now)
+        sr.ClearField("next_attempt_at")
+        sr.ClearField("completed_at")
+        self.plan.children.append(
+            ChildStart(key=key, step=cs, run_id=run_id, attempt=attempt, payload=payload)
+        )
+        data: dict[str, JSON] = {
+            "attempt": attempt,
+            "child_run_id": run_id,
+            "workflow_id": cs.step.workflow_id,
+        }
+        if index is not None:
+            data["foreach_index"] = index
+        self.step_event("step_child_started", key, sr, data=data)
         return True
 
     def fan_out(self, cs: CompiledStep, parent: run_pb2.StepRun) -> None:
@@ -995,6 +1114,7 @@ def advance(
     *,
     schemas: Mapping[str, dict[str, Any] | None] | None = None,
     rand: Callable[[], float] = random.random,
+    children: Iterable[ChildOutcome] = (),
 ) -> Plan:
     """One scheduling pass over `run` (modified in place and returned in the plan)."""
     p = _Pass(run, wf, now_ms, schemas or {}, rand)
@@ -1006,6 +1126,10 @@ def advance(
     initial_steps(run, wf)
     for outcome in outcomes:
         p.apply(outcome)
+    for child in children:
+        p.apply_child(child)
+    if not p.ended:
+        p.time_out_children()
     if not p.ended and wf.timeout_ms and run.started_at.ToMilliseconds() + wf.timeout_ms <= now_ms:
         p.end_run(
             R.RUN_STATUS_TIMED_OUT,

@@ -8,8 +8,9 @@ A definition is checked as a whole and every problem is reported as a field viol
   edges included), `on_error` targets exist;
 - step types: `job` (default when empty) and upstream's job-dispatching aliases `worker`,
   `llm`, `http`, `container`, `script`, `transform`, `storage`; `condition`, `delay`,
-  `notify`, `approval`. Anything else, `subworkflow` included, is refused (upstream
-  dispatched unknown types as jobs);
+  `notify`, `approval`; `subworkflow` (alias `workflow`: runs the workflow `workflow_id`
+  as a child run, see subworkflows.py). Anything else is refused (upstream dispatched
+  unknown types as jobs);
 - fields a step type would silently ignore are refused (a `topic` on an approval step...);
 - every CEL expression (`condition`, `for_each`) and every `${...}` in `input` compiles, uses
   only the variables in scope (`item`/`index` only in a for_each step's input), and reads
@@ -26,6 +27,7 @@ stored and returned, documented as not interpreted (as the proto says).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -71,7 +73,9 @@ JOB_TYPES = frozenset(
     {"job", "worker", "llm", "http", "container", "script", "transform", "storage"}
 )
 SPECIAL_TYPES = frozenset({"condition", "delay", "notify", "approval"})
-KNOWN_TYPES = JOB_TYPES | SPECIAL_TYPES
+# Upstream's declared (never implemented) `subworkflow`, and the shorter `workflow`.
+SUBWORKFLOW_TYPES = frozenset({"subworkflow", "workflow"})
+KNOWN_TYPES = JOB_TYPES | SPECIAL_TYPES | SUBWORKFLOW_TYPES
 RESERVED_LABELS = frozenset({"workflow_id", "run_id", "step_id"})
 
 MAX_STEPS = 500
@@ -190,7 +194,7 @@ class Backoff:
 class CompiledStep:
     id: str
     step: workflow_pb2.Step
-    kind: str  # job | condition | delay | notify | approval
+    kind: str  # job | condition | delay | notify | approval | subworkflow
     depends_on: tuple[str, ...]
     condition: Expression | None = None
     for_each: Expression | None = None
@@ -227,6 +231,10 @@ class CompiledWorkflow:
     def key(self) -> str:
         return definition_key(self.workflow)
 
+    @functools.cached_property
+    def has_subworkflows(self) -> bool:
+        return any(cs.kind == "subworkflow" for cs in self.steps.values())
+
     def leaves(self) -> list[str]:
         return [s for s in self.order if not self.steps[s].dependents]
 
@@ -246,6 +254,8 @@ def step_kind(step_type: str) -> str:
     t = step_type.strip().lower()
     if t in ("", *JOB_TYPES):
         return "job"
+    if t in SUBWORKFLOW_TYPES:
+        return "subworkflow"
     return t
 
 
@@ -358,13 +368,11 @@ def compile_workflow(wf: workflow_pb2.Workflow) -> tuple[CompiledWorkflow, list[
 
 def _compile_step(sid: str, step: workflow_pb2.Step, where: str, v: _Checker) -> CompiledStep:
     kind = step_kind(step.type)
-    if step.type.strip().lower() == "subworkflow":
-        v.add(f"{where}.type", "subworkflow steps are not supported by this engine yet")
-    elif kind not in KNOWN_TYPES and kind != "job":
+    if kind not in KNOWN_TYPES and kind not in ("job", "subworkflow"):
         v.add(
             f"{where}.type",
             f"unknown step type {step.type!r}; one of job, {', '.join(sorted(JOB_TYPES - {'job'}))}"
-            f", {', '.join(sorted(SPECIAL_TYPES))}",
+            f", {', '.join(sorted(SPECIAL_TYPES))}, subworkflow",
         )
     if len(step.name) > 200:
         v.add(f"{where}.name", "at most 200 characters")
@@ -376,6 +384,8 @@ def _compile_step(sid: str, step: workflow_pb2.Step, where: str, v: _Checker) ->
         v.add(f"{where}.{field_name}", why)
 
     is_job = kind == "job"
+    # What a subworkflow step shares with job steps: its input, fan-out, retries, schemas.
+    shared = {"for_each", "max_parallel", "retry", "input_schema", "input_schema_id"}
     # Fields that only some types use: refuse them elsewhere instead of ignoring them.
     job_only = {
         "topic": bool(step.topic),
@@ -390,11 +400,11 @@ def _compile_step(sid: str, step: workflow_pb2.Step, where: str, v: _Checker) ->
     }
     if not is_job:
         for name, present in job_only.items():
-            if present:
+            if present and not (kind == "subworkflow" and name in shared):
                 refuse(name, f"not used by {kind} steps (only job steps)")
-    if kind not in ("job", "notify") and step.HasField("input"):
-        refuse("input", f"not used by {kind} steps (only job and notify steps)")
-    if kind not in ("job", "condition") and (
+    if kind not in ("job", "notify", "subworkflow") and step.HasField("input"):
+        refuse("input", f"not used by {kind} steps (only job, notify and subworkflow steps)")
+    if kind not in ("job", "condition", "subworkflow") and (
         step.HasField("output_schema") or step.output_schema_id
     ):
         refuse("output_schema", f"not used by {kind} steps")
@@ -403,10 +413,15 @@ def _compile_step(sid: str, step: workflow_pb2.Step, where: str, v: _Checker) ->
             refuse("delay_sec", "only delay steps wait")
         if step.delay_until:
             refuse("delay_until", "only delay steps wait")
-    if kind not in ("job", "approval") and step.timeout_sec:
-        refuse("timeout_sec", f"not used by {kind} steps (job and approval steps only)")
-    if step.workflow_id:
-        refuse("workflow_id", "only subworkflow steps name a workflow (not supported yet)")
+    if kind not in ("job", "approval", "subworkflow") and step.timeout_sec:
+        refuse("timeout_sec", f"not used by {kind} steps (job, approval, subworkflow only)")
+    if kind == "subworkflow":
+        if not step.workflow_id:
+            refuse("workflow_id", "a subworkflow step names the workflow it runs")
+        elif not WORKFLOW_ID_RE.match(step.workflow_id):
+            refuse("workflow_id", "1-128 characters from [A-Za-z0-9._-]")
+    elif step.workflow_id:
+        refuse("workflow_id", "only subworkflow steps name a workflow")
 
     base_vars = BASE_VARIABLES
     if step.condition.strip():

@@ -52,6 +52,7 @@ from cordum.server.workflows.definition import CompiledWorkflow, SchemaLookup, c
 from cordum.server.workflows.expressions import normalize
 from cordum.server.workflows.stepjobs import build_step_job
 from cordum.server.workflows.store import StoredRun, WorkflowStore, stored_from_reply
+from cordum.server.workflows.subworkflows import ChildRuns, child_outcome, running_children
 from cordum.v1 import job_pb2, run_pb2, run_service_pb2
 
 logger = logging.getLogger(__name__)
@@ -91,9 +92,13 @@ class RunEffects:
         sender_id: str = "workflow-engine",
         trust: BusTrust | None = None,
         durable: DurablePublisher | None = None,
+        store: WorkflowStore | None = None,
     ) -> None:
         self.jobs = jobs
         self.nats = nats
+        # Subworkflow steps' child runs (None: a process without the run store).
+        self.children = ChildRuns(store) if store is not None else None
+        self.definitions = DefinitionCache(store) if store is not None else None
         # Step job submits (JetStream mode: acked by the stream, with message ids).
         self.durable = durable or DurablePublisher(nats)
         self.subjects = subjects
@@ -109,6 +114,15 @@ class RunEffects:
             await self.dispatch(run, wf, plan.dispatches)
         if plan.cancels:
             await self.cancel_jobs(plan.cancels)
+        if self.children is not None:
+            if plan.children and await self.children.start(run, plan.children):
+                # A child could not be created: the run's next pass fails that attempt.
+                await self.request_advance(run.id)
+            for child_id, reason in plan.child_cancels:
+                await self.children.cancel(child_id, reason, self)
+        if run.parent_run_id and run.status in dag.TERMINAL_RUN and plan.changed:
+            # The parent's step waits for this: advance it now, not on a reconciler tick.
+            await self.request_advance(run.parent_run_id)
         for alert in plan.alerts:
             packet = cap.envelope(sender_id=self.sender_id, trace_id=run.id, alert=alert)
             await self.nats.publish(self.subjects.workflow_event, self.trust.encode(packet))
@@ -154,6 +168,13 @@ class RunEffects:
         if events:
             data = run_service_pb2.GetRunTimelineResponse(events=events).SerializeToString()
             await self.nats.publish(self.events_subject, data, headers=self.trust.headers(data))
+
+    async def request_advance(self, run_id: str) -> None:
+        """Ask the engines (queue group) for a pass over `run_id`."""
+        data = run_id.encode()
+        await self.nats.publish(
+            advance_subject(self.subjects), data, headers=self.trust.headers(data)
+        )
 
     async def publish_job_event(self, job_id: str, state: str, why: str) -> None:
         data = job_event(job_id, state, why)
@@ -421,7 +442,10 @@ class Engine:
                 outcome = await self._time_out(job_id, wf, run, now)
                 if outcome is not None:
                     outcomes.append(outcome)
-            plan = dag.advance(run, wf, now, outcomes, schemas=await self.schemas_for(wf))
+            children = await self._children(run, wf)
+            plan = dag.advance(
+                run, wf, now, outcomes, schemas=await self.schemas_for(wf), children=children
+            )
             if plan.changed:
                 number_events(stored, plan.events)
                 ver = await self.store.save_run(
@@ -438,6 +462,44 @@ class Engine:
             return
         logger.warning("run %s: gave up after %d write conflicts", run_id, self.config.cas_attempts)
         await self.store.wake(run_id, now_ms() + 500)
+
+    async def _children(self, run: run_pb2.Run, wf: CompiledWorkflow) -> list[dag.ChildOutcome]:
+        """Outcomes of the run's running subworkflow attempts whose child run ended; a child
+        that was never created (crash after the parent's write) is created now."""
+        pairs = running_children(run, wf)
+        if not pairs or self.effects.children is None:
+            return []
+        found = await self.store.load_runs([child_id for _, child_id in pairs])
+        out: list[dag.ChildOutcome] = []
+        missing: list[dag.ChildStart] = []
+        for (key, child_id), stored in zip(pairs, found, strict=True):
+            if stored is None:
+                sr = run.steps[key]
+                missing.append(
+                    dag.ChildStart(
+                        key=key,
+                        step=wf.steps[key.partition("[")[0]],
+                        run_id=child_id,
+                        attempt=sr.attempts,
+                        payload=dag.from_value(sr.input) if sr.HasField("input") else {},
+                    )
+                )
+                continue
+            outcome = child_outcome(stored.run)
+            if outcome is not None:
+                out.append(dag.ChildOutcome(key, child_id, outcome))
+        if missing:
+            problems = await self.effects.children.start(run, missing)
+            for start in missing:
+                if start.key in problems:
+                    failed = JobOutcome(
+                        job_id="",
+                        state="FAILED",
+                        error_message=problems[start.key],
+                        error_code="CHILD_NOT_STARTED",
+                    )
+                    out.append(dag.ChildOutcome(start.key, start.run_id, failed))
+        return out
 
     async def _outcome(self, record: Any, raw: bytes | None) -> JobOutcome:
         job = record.job

@@ -9,6 +9,9 @@ cannot see, one engine (a Redis lease picks it) looks for every scan, over the a
   writing the run and submitting the job) → the engine submits it again, with the same job
   id, so a submit that did happen is never doubled;
 - a step job waiting for a human approval is left alone (it is not lost);
+- a subworkflow step RUNNING → its run gets a pass, which reads the child run (an ending
+  whose advance message was lost becomes the step's outcome; a child never created, the
+  engine dying between the parent's write and the child's creation, is created);
 and it trims the run listing indexes to the run TTL.
 """
 
@@ -40,6 +43,8 @@ class ReconcileReport:
     missed: int = 0
     lost: int = 0
     trimmed: int = 0
+    # Runs poked because a subworkflow step of theirs is running.
+    parents: int = 0
     skipped: bool = False
     details: list[str] = field(default_factory=list)
 
@@ -128,9 +133,15 @@ class WorkflowReconciler:
             if stored is None or stored.run.status in dag.TERMINAL_RUN:
                 continue
             report.scanned += 1
+            parent = False
             for sr in stored.run.steps.values():
                 if sr.status == run_pb2.STEP_STATUS_RUNNING and sr.job_id:
                     running.append((run_id, sr.job_id, sr.started_at.ToMilliseconds()))
+                elif sr.status == run_pb2.STEP_STATUS_RUNNING and sr.child_run_id:
+                    parent = True
+            if parent:
+                report.parents += 1
+                self.engine.poke(run_id)
         if not running:
             return
         jobs = self.engine.jobs

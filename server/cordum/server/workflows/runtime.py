@@ -88,7 +88,12 @@ class WorkflowRuntime:
             self.store.on_status = lambda status: metrics.workflow_runs.labels(status).inc()
         self.schemas = schemas or RedisSchemaLookup(redis, settings.prefix)
         self.effects = RunEffects(
-            jobs=jobs, nats=nats, subjects=subjects, trust=self.inbound.trust, durable=durable
+            jobs=jobs,
+            nats=nats,
+            subjects=subjects,
+            trust=self.inbound.trust,
+            durable=durable,
+            store=self.store,
         )
         self.engine: Engine | None = None
         self.reconciler: WorkflowReconciler | None = None

@@ -53,6 +53,7 @@ from cordum.server.workflows.store import (
     ms_timestamp,
     request_hash,
 )
+from cordum.server.workflows.subworkflows import reference_problems
 from cordum.v1 import error_reason_pb2, run_pb2, run_service_pb2, workflow_pb2
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,11 @@ class WorkflowService:
         caller.check_tenant(candidate.org_id, "org_id")
         problems = _tenant_problems(candidate.org_id)
         compiled, more = await validate_workflow(candidate, self.schemas)
-        return compiled, problems + more
+        owned = workflow_pb2.Workflow()
+        owned.CopyFrom(candidate)
+        owned.org_id = caller.tenant_for(candidate.org_id)
+        refs = await reference_problems(owned, self.store)
+        return compiled, problems + more + refs
 
     async def upsert(self, wf: workflow_pb2.Workflow, caller: Caller) -> workflow_pb2.Workflow:
         """Create or replace (upstream's POST upserts: empty top-level fields keep the stored
@@ -141,6 +146,7 @@ class WorkflowService:
             new.revision = expected + 1
             _, more = await validate_workflow(new, self.schemas)
             problems += more
+            problems += await reference_problems(new, self.store)
             if problems:
                 raise workflow_invalid(problems)
             if await self.store.save_workflow(new, new.org_id, expected, now):
