@@ -13,6 +13,7 @@ Every scan, one scheduler replica (a Redis lease decides which):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -64,19 +65,27 @@ class Reconciler:
         # How old a dispatch must be before its result or its dispatcher is looked for.
         self.recovery_grace_ms = recovery_grace_ms
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._release = self.store.redis.register_script(_RELEASE)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="reconciler")
+        self._stopping = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(self._stopping), name="reconciler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await stop_task(self._task)
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            # The event ends the loop even if a cancellation landing mid-tick is lost below
+            # us (seen with the workflow reconciler's first tick).
+            self._stopping.set()
+            await stop_task(task)
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
+    async def _loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.interval_s)
+            if stopping.is_set():
+                return
             try:
                 await self.tick()
             except asyncio.CancelledError:

@@ -18,6 +18,7 @@ and it trims the run listing indexes to the run TTL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -67,27 +68,35 @@ class WorkflowReconciler:
         self.lost_after_ms = lost_after_ms
         self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._release = self.store.redis.register_script(_RELEASE)
         self._trimmed_at = 0.0
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="workflow-reconciler")
+        self._stopping = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(self._stopping), name="workflow-reconciler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # The event ends the loop even when the cancellation is lost: a stop that landed in
+        # the middle of the first tick was seen swallowed below us, and the loop then slept
+        # on forever (a test that stopped the reconciler hung when run on its own).
+        self._stopping.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
-    async def _loop(self) -> None:
-        while True:
+    async def _loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("workflow reconciler tick failed")
-            await asyncio.sleep(self.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.interval_s)
 
     async def tick(self) -> ReconcileReport:
         report = ReconcileReport()
