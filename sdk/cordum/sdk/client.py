@@ -11,7 +11,7 @@
 
 Namespaces: ``jobs``, ``approvals``, ``status``, ``workflows``, ``runs``, ``config``,
 ``policy`` (with ``policy.bundles``), ``schemas``, ``locks``, ``artifacts``, ``dlq``,
-``memory`` and ``context``.
+``memory``, ``context`` and ``events``.
 
 Calls raise the typed errors of :mod:`cordum.sdk.errors`.
 """
@@ -29,6 +29,7 @@ from cordum.sdk.artifacts import ArtifactsClient, AsyncArtifactsClient
 from cordum.sdk.config import AsyncConfigClient, ConfigClient
 from cordum.sdk.context import AsyncContextClient, ContextClient
 from cordum.sdk.dlq import AsyncDLQClient, DLQClient
+from cordum.sdk.events import AsyncEventsClient, EventsClient
 from cordum.sdk.jobs import AsyncJobsClient, JobsClient
 from cordum.sdk.locks import AsyncLocksClient, LocksClient
 from cordum.sdk.memory import AsyncMemoryClient, MemoryClient
@@ -77,6 +78,7 @@ class AsyncClient:
         self.dlq = AsyncDLQClient(self._transport)
         self.memory = AsyncMemoryClient(self._transport)
         self.context = AsyncContextClient(self._transport)
+        self.events = AsyncEventsClient(self._transport)
 
     @property
     def target(self) -> str:
@@ -132,6 +134,7 @@ class Client:
         self.dlq = DLQClient(self._transport)
         self.memory = MemoryClient(self._transport)
         self.context = ContextClient(self._transport)
+        self.events = EventsClient(self._transport)
 
     @property
     def target(self) -> str:

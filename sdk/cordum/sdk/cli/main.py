@@ -11,6 +11,7 @@ from cordum.sdk.cli import (
     config,
     context,
     dlq,
+    events,
     jobs,
     locks,
     memory,
@@ -42,6 +43,7 @@ def _global_options(
 app.command()(stack.up)
 app.command()(stack.down)
 app.command()(stack.status)
+app.command()(events.events)
 app.add_typer(jobs.app, name="job")
 app.add_typer(approvals.app, name="approval")
 app.add_typer(workflows.app, name="workflow")
