@@ -23,8 +23,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.msg import Msg
 
-from cordum.agent.v1 import buspacket_pb2, handshake_pb2, heartbeat_pb2
-from cordum.agent.v1 import job_pb2 as agent
+from cordum.agent.v1 import buspacket_pb2
 from cordum.sdk import cap
 from cordum.sdk.worker import Worker
 from cordum.server.app import App
@@ -33,13 +32,13 @@ from cordum.server.services.workers import WorkerRegistry, WorkerState
 from cordum.server.stores.jobs import Completion
 
 from support.cordum import app_settings, running_app, write_config
+from support.hand_worker import HandWorker
 from support.jobs import (
     J,
     events,
     jobs,
     make_worker,
     raw_fields,
-    result_packet,
     state,
     wait_state,
 )
@@ -149,61 +148,6 @@ def losing_worker(prefix: str, nats_url: str, redis_url: str, lose: int = 1) -> 
         heartbeat_interval=0.2,
         lose=lose,
     )
-
-
-class HandWorker:
-    """A hand-made CAP worker whose heartbeats (every 0.1 s) report `active` jobs, whatever
-    it really holds: the test decides when it looks busy or idle, and when it answers."""
-
-    def __init__(self, worker_id: str, topic: str, nats_url: str) -> None:
-        self.worker_id = worker_id
-        self.topic = topic
-        self.nats_url = nats_url
-        self.active = 0
-        self.deliveries: list[str] = []
-        self.got_job = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> HandWorker:
-        self.nc = await nats.connect(self.nats_url)
-        await self.nc.subscribe(cap.direct_subject(self.worker_id), cb=self._on_job)
-        await self.nc.flush()
-        handshake = handshake_pb2.Handshake(
-            component_id=self.worker_id,
-            role=handshake_pb2.COMPONENT_ROLE_WORKER,
-            supported_versions=[cap.PROTOCOL_VERSION],
-            ready_topics=[self.topic],
-        )
-        packet = cap.envelope(sender_id=self.worker_id, trace_id="hs", handshake=handshake)
-        await self.nc.publish(cap.SUBJECT_HANDSHAKE, cap.encode(packet))
-        self._task = asyncio.create_task(self._beat())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.nc.close()
-
-    async def _on_job(self, msg: Msg) -> None:
-        self.deliveries.append(buspacket_pb2.BusPacket.FromString(msg.data).job_request.job_id)
-        self.active = 1  # reported from the next heartbeat on, as CAP counts it
-        self.got_job.set()
-
-    async def _beat(self) -> None:
-        while True:
-            beat = heartbeat_pb2.Heartbeat(
-                worker_id=self.worker_id, active_jobs=self.active, max_parallel_jobs=1
-            )
-            packet = cap.envelope(sender_id=self.worker_id, trace_id=self.worker_id, heartbeat=beat)
-            await self.nc.publish(cap.SUBJECT_HEARTBEAT, cap.encode(packet))
-            await asyncio.sleep(0.1)
-
-    async def answer(self, job_id: str) -> None:
-        data = result_packet(job_id, agent.JOB_STATUS_SUCCEEDED, worker_id=self.worker_id)
-        await self.nc.publish(cap.SUBJECT_RESULT, data)
-        await self.nc.flush()
 
 
 # -- a lost dispatch ----------------------------------------------------------------------------

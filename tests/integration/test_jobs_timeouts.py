@@ -4,20 +4,17 @@ workers that stopped heartbeating. Every timeout ends with a DLQ entry."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import nats
 import pytest_asyncio
 
-from cordum.agent.v1 import handshake_pb2, heartbeat_pb2
-from cordum.sdk import cap
 from cordum.server.app import App
 
 from support.cordum import app_settings, running_app, write_config
+from support.hand_worker import HandWorker
 from support.jobs import J, events, jobs, make_worker, state, wait_dlq, wait_state
 from support.waiting import eventually
 
@@ -163,50 +160,6 @@ async def test_deadline_ends_a_running_job(
 # -- a worker that stops heartbeating mid-job -------------------------------------------------
 
 
-class SilentWorker:
-    """A hand-made CAP worker that announces itself, heartbeats until it gets a job, then
-    goes silent (as if it hung or its host died) and never answers."""
-
-    def __init__(self, worker_id: str, topic: str, nats_url: str) -> None:
-        self.worker_id = worker_id
-        self.topic = topic
-        self.nats_url = nats_url
-        self.got_job = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> SilentWorker:
-        self.nc = await nats.connect(self.nats_url)
-        await self.nc.subscribe(cap.direct_subject(self.worker_id), cb=self._on_job)
-        await self.nc.flush()
-        handshake = handshake_pb2.Handshake(
-            component_id=self.worker_id,
-            role=handshake_pb2.COMPONENT_ROLE_WORKER,
-            supported_versions=[cap.PROTOCOL_VERSION],
-            ready_topics=[self.topic],
-        )
-        packet = cap.envelope(sender_id=self.worker_id, trace_id="hs", handshake=handshake)
-        await self.nc.publish(cap.SUBJECT_HANDSHAKE, cap.encode(packet))
-        self._task = asyncio.create_task(self._beat())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.nc.close()
-
-    async def _on_job(self, msg: Any) -> None:
-        self.got_job.set()
-
-    async def _beat(self) -> None:
-        while not self.got_job.is_set():
-            beat = heartbeat_pb2.Heartbeat(worker_id=self.worker_id, max_parallel_jobs=1)
-            packet = cap.envelope(sender_id=self.worker_id, trace_id=self.worker_id, heartbeat=beat)
-            await self.nc.publish(cap.SUBJECT_HEARTBEAT, cap.encode(packet))
-            await asyncio.sleep(0.1)
-
-
 async def test_job_of_a_lost_worker_is_requeued_and_runs_on_another(
     nats_url: str, redis_url: str, tmp_path: Path, prefix: str
 ) -> None:
@@ -216,7 +169,7 @@ async def test_job_of_a_lost_worker_is_requeued_and_runs_on_another(
         app.registry.ttl_s = 1.0  # lost after 1 s of silence (CAP's default is 15 s)
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
-            SilentWorker(f"silent-{prefix}", topic, nats_url) as silent,
+            HandWorker(f"silent-{prefix}", topic, nats_url, silent_after_job=True) as silent,
         ):
             stub = jobs(channel)
             await wait_worker(app, silent.worker_id)
@@ -250,7 +203,7 @@ async def test_job_of_a_lost_worker_times_out_without_retries(
         app.registry.ttl_s = 1.0
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
-            SilentWorker(f"silent-{prefix}", topic, nats_url) as silent,
+            HandWorker(f"silent-{prefix}", topic, nats_url, silent_after_job=True) as silent,
         ):
             stub = jobs(channel)
             await wait_worker(app, silent.worker_id)

@@ -238,6 +238,7 @@ async def test_notify_publishes_an_alert_on_the_workflow_event_subject(
         alerts.append(msg.data)
 
     await nc.subscribe(cordum.subjects.workflow_event, cb=collect)
+    await nc.flush()  # the server has the SUB before the run publishes
     try:
         wf = await api.upsert(
             {

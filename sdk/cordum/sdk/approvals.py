@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
+from cordum.sdk._paging import apaginate, paginate
 from cordum.sdk._transport import AioTransport, SyncTransport
 from cordum.v1 import approval_pb2, approval_service_pb2, approval_service_pb2_grpc, job_pb2
 
@@ -29,16 +30,13 @@ class AsyncApprovalsClient:
         request = A.ListApprovalsRequest(page_size=page_size or 0, page_token=page_token)
         return await self._t.unary(self._stub.ListApprovals, request)
 
-    async def list(self, *, page_size: int | None = None) -> AsyncIterator[approval_pb2.Approval]:
+    def list(self, *, page_size: int | None = None) -> AsyncIterator[approval_pb2.Approval]:
         """Every job awaiting approval, oldest first, with the decision that asked for it."""
-        token = ""
-        while True:
-            page = await self.list_page(page_size=page_size, page_token=token)
-            for approval in page.approvals:
-                yield approval
-            token = page.next_page_token
-            if not token:
-                return
+
+        async def fetch(token: str, size: int | None) -> A.ListApprovalsResponse:
+            return await self.list_page(page_size=size, page_token=token)
+
+        return apaginate(fetch, lambda p: p.approvals, page_size=page_size)
 
     async def approve(self, job_id: str, reason: str = "", note: str = "") -> job_pb2.Job:
         """Approve the job; the server re-checks it against the current policy first."""
@@ -68,13 +66,10 @@ class ApprovalsClient:
         return self._t.unary(self._stub.ListApprovals, request)
 
     def list(self, *, page_size: int | None = None) -> Iterator[approval_pb2.Approval]:
-        token = ""
-        while True:
-            page = self.list_page(page_size=page_size, page_token=token)
-            yield from page.approvals
-            token = page.next_page_token
-            if not token:
-                return
+        def fetch(token: str, size: int | None) -> A.ListApprovalsResponse:
+            return self.list_page(page_size=size, page_token=token)
+
+        return paginate(fetch, lambda p: p.approvals, page_size=page_size)
 
     def approve(self, job_id: str, reason: str = "", note: str = "") -> job_pb2.Job:
         request = A.ApproveJobRequest(job_id=job_id, reason=reason, note=note)

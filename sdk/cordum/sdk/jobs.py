@@ -14,6 +14,7 @@ from typing import Any, Required, TypedDict, Unpack, cast
 
 from google.protobuf import timestamp_pb2
 
+from cordum.sdk._paging import apaginate, paginate
 from cordum.sdk._transport import AioTransport, SyncTransport
 from cordum.sdk.convert import (
     as_submit_request,
@@ -119,13 +120,6 @@ def _list_request(
     return request
 
 
-def _page_size(page_size: int | None, limit: int | None) -> int | None:
-    # No point fetching a page bigger than what the caller will read.
-    if limit is None:
-        return page_size
-    return min(page_size, limit) if page_size else limit
-
-
 def _batch_results(
     reply: J.BatchSubmitJobsResponse,
 ) -> builtins.list[J.BatchSubmitJobResult | CordumError]:
@@ -210,7 +204,7 @@ class AsyncJobsClient:
         )
         return await self._t.unary(self._stub.ListJobs, request)
 
-    async def list(
+    def list(
         self,
         *,
         state: str | None = None,
@@ -224,10 +218,9 @@ class AsyncJobsClient:
     ) -> AsyncIterator[job_pb2.Job]:
         """Every matching job, newest first, fetching pages as the iteration needs them;
         stops after ``limit`` jobs when given."""
-        token, seen = "", 0
-        size = _page_size(page_size, limit)
-        while limit is None or seen < limit:
-            page = await self.list_page(
+
+        async def fetch(token: str, size: int | None) -> J.ListJobsResponse:
+            return await self.list_page(
                 state=state,
                 topic=topic,
                 tenant_id=tenant_id,
@@ -237,12 +230,8 @@ class AsyncJobsClient:
                 page_size=size,
                 page_token=token,
             )
-            for job in page.jobs[: None if limit is None else limit - seen]:
-                seen += 1
-                yield job
-            token = page.next_page_token
-            if not token:
-                return
+
+        return apaginate(fetch, lambda p: p.jobs, page_size=page_size, limit=limit)
 
     async def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
         return await self._t.unary(
@@ -288,17 +277,12 @@ class AsyncJobsClient:
 
     async def decisions(self, job_id: str) -> builtins.list[job_pb2.SafetyDecision]:
         """Every safety decision recorded for the job, newest first."""
-        found: builtins.list[job_pb2.SafetyDecision] = []
-        token = ""
-        while True:
-            page = await self._t.unary(
-                self._stub.ListJobDecisions,
-                J.ListJobDecisionsRequest(job_id=job_id, page_token=token),
-            )
-            found.extend(page.decisions)
-            token = page.next_page_token
-            if not token:
-                return found
+
+        async def fetch(token: str, _size: int | None) -> J.ListJobDecisionsResponse:
+            request = J.ListJobDecisionsRequest(job_id=job_id, page_token=token)
+            return await self._t.unary(self._stub.ListJobDecisions, request)
+
+        return [d async for d in apaginate(fetch, lambda p: p.decisions)]
 
     async def remediate(self, job_id: str, remediation_id: str = "") -> J.SubmitJobResponse:
         """Submit the job built from one of the remediations its policy decision offered."""
@@ -378,10 +362,8 @@ class JobsClient:
         page_size: int | None = None,
         limit: int | None = None,
     ) -> Iterator[job_pb2.Job]:
-        token, seen = "", 0
-        size = _page_size(page_size, limit)
-        while limit is None or seen < limit:
-            page = self.list_page(
+        def fetch(token: str, size: int | None) -> J.ListJobsResponse:
+            return self.list_page(
                 state=state,
                 topic=topic,
                 tenant_id=tenant_id,
@@ -391,12 +373,8 @@ class JobsClient:
                 page_size=size,
                 page_token=token,
             )
-            for job in page.jobs[: None if limit is None else limit - seen]:
-                seen += 1
-                yield job
-            token = page.next_page_token
-            if not token:
-                return
+
+        return paginate(fetch, lambda p: p.jobs, page_size=page_size, limit=limit)
 
     def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
         return self._t.unary(self._stub.CancelJob, J.CancelJobRequest(job_id=job_id, reason=reason))
@@ -426,17 +404,11 @@ class JobsClient:
         return ended if ended is not None else self.get(job_id)
 
     def decisions(self, job_id: str) -> builtins.list[job_pb2.SafetyDecision]:
-        found: builtins.list[job_pb2.SafetyDecision] = []
-        token = ""
-        while True:
-            page = self._t.unary(
-                self._stub.ListJobDecisions,
-                J.ListJobDecisionsRequest(job_id=job_id, page_token=token),
-            )
-            found.extend(page.decisions)
-            token = page.next_page_token
-            if not token:
-                return found
+        def fetch(token: str, _size: int | None) -> J.ListJobDecisionsResponse:
+            request = J.ListJobDecisionsRequest(job_id=job_id, page_token=token)
+            return self._t.unary(self._stub.ListJobDecisions, request)
+
+        return builtins.list(paginate(fetch, lambda p: p.decisions))
 
     def remediate(self, job_id: str, remediation_id: str = "") -> J.SubmitJobResponse:
         return self._t.unary(

@@ -72,13 +72,25 @@ def _lost(error: CordumError) -> bool:
 
 
 class _Held:
-    """What both held-lock flavours share: the lock as last seen and whether it was lost."""
+    """What both held-lock flavours share: how to acquire and renew, the lock as last seen
+    and whether it was lost."""
 
-    def __init__(self, resource: str, owner: str) -> None:
+    def __init__(
+        self,
+        resource: str,
+        owner: str,
+        *,
+        mode: str,
+        ttl_ms: int | None,
+        wait_ms: int | None,
+        renew_every: float | None,
+    ) -> None:
         self.resource = resource
         self.owner = owner
         self.lock = lock_pb2.Lock()
         self.lost_error: CordumError | None = None
+        self._mode, self._ttl_ms, self._wait_ms = mode, ttl_ms, wait_ms
+        self._interval = _renew_interval(ttl_ms, renew_every)
 
     @property
     def fencing_token(self) -> int:
@@ -93,6 +105,15 @@ class _Held:
         """Raise the error that ended the hold, if a renewal was refused."""
         if self.lost_error is not None:
             raise self.lost_error
+
+    def _renew_failed(self, error: CordumError) -> bool:
+        """Note a failed renewal; True when the hold is lost and renewing should stop."""
+        if _lost(error):
+            logger.warning("lock %s lost: %s", self.resource, error)
+            self.lost_error = error
+            return True
+        logger.warning("renewing lock %s failed, retrying: %s", self.resource, error)
+        return False
 
 
 class AsyncHeldLock(_Held):
@@ -109,10 +130,10 @@ class AsyncHeldLock(_Held):
         wait_ms: int | None,
         renew_every: float | None,
     ) -> None:
-        super().__init__(resource, owner)
+        super().__init__(
+            resource, owner, mode=mode, ttl_ms=ttl_ms, wait_ms=wait_ms, renew_every=renew_every
+        )
         self._locks = locks
-        self._mode, self._ttl_ms, self._wait_ms = mode, ttl_ms, wait_ms
-        self._interval = _renew_interval(ttl_ms, renew_every)
         self._renewer: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -129,11 +150,8 @@ class AsyncHeldLock(_Held):
             try:
                 self.lock = await self._locks.renew(self.resource, self.owner, ttl_ms=self._ttl_ms)
             except CordumError as error:
-                if _lost(error):
-                    logger.warning("lock %s lost: %s", self.resource, error)
-                    self.lost_error = error
+                if self._renew_failed(error):
                     return
-                logger.warning("renewing lock %s failed, retrying: %s", self.resource, error)
                 pause = self._interval / _RETRY_FRACTION
             else:
                 pause = self._interval
@@ -172,10 +190,10 @@ class HeldLock(_Held):
         wait_ms: int | None,
         renew_every: float | None,
     ) -> None:
-        super().__init__(resource, owner)
+        super().__init__(
+            resource, owner, mode=mode, ttl_ms=ttl_ms, wait_ms=wait_ms, renew_every=renew_every
+        )
         self._locks = locks
-        self._mode, self._ttl_ms, self._wait_ms = mode, ttl_ms, wait_ms
-        self._interval = _renew_interval(ttl_ms, renew_every)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -195,11 +213,8 @@ class HeldLock(_Held):
             try:
                 self.lock = self._locks.renew(self.resource, self.owner, ttl_ms=self._ttl_ms)
             except CordumError as error:
-                if _lost(error):
-                    logger.warning("lock %s lost: %s", self.resource, error)
-                    self.lost_error = error
+                if self._renew_failed(error):
                     return
-                logger.warning("renewing lock %s failed, retrying: %s", self.resource, error)
                 pause = self._interval / _RETRY_FRACTION
             else:
                 pause = self._interval

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import yaml
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from cordum.sdk import AsyncClient, CordumError, Unavailable
@@ -101,6 +102,21 @@ def print_json(data: Any) -> None:
 
 def print_json_line(data: Any) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False), nl=True)
+
+
+def details(rows: Iterable[tuple[str, str | Text]]) -> Table:
+    """A two-column "name value" table of one thing, leaving out the empty values."""
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in rows:
+        if value:
+            table.add_row(name, value)
+    return table
+
+
+def labels_text(labels: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def when(stamp: timestamp_pb2.Timestamp) -> str:

@@ -26,7 +26,9 @@ from cordum.sdk.artifacts import CHUNK_SIZE
 from cordum.sdk.cli._common import (
     JSON,
     Failure,
+    details,
     err,
+    labels_text,
     out,
     parse_labels,
     print_json,
@@ -77,10 +79,7 @@ def _size(size: int) -> str:
 
 
 def _show(ptr: str, meta: artifact_pb2.ArtifactMetadata) -> None:
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for name, value in (
+    rows = [
         ("pointer", ptr),
         ("content type", meta.content_type),
         ("size", f"{meta.size_bytes} bytes"),
@@ -89,11 +88,9 @@ def _show(ptr: str, meta: artifact_pb2.ArtifactMetadata) -> None:
         ("backend", meta.backend),
         ("created", when(meta.created_at)),
         ("expires", when(meta.expires_at)),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(meta.labels.items()))),
-    ):
-        if value:
-            table.add_row(name, value)
-    out.print(table)
+        ("labels", labels_text(meta.labels)),
+    ]
+    out.print(details(rows))
 
 
 @app.command()

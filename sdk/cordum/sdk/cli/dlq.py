@@ -8,7 +8,7 @@ from rich.text import Text
 
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import AsyncClient
-from cordum.sdk.cli._common import JSON, out, print_json, proto_dict, run, when
+from cordum.sdk.cli._common import JSON, details, out, print_json, proto_dict, run, when
 from cordum.v1 import dlq_pb2
 
 app = typer.Typer(no_args_is_help=True, help="Inspect, retry and clear dead-lettered jobs.")
@@ -22,9 +22,6 @@ def _status(entry: dlq_pb2.DLQEntry) -> Text:
 
 
 def _show(entry: dlq_pb2.DLQEntry) -> None:
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
     rows: list[tuple[str, str | Text]] = [
         ("job", entry.job_id),
         ("status", _status(entry)),
@@ -38,10 +35,7 @@ def _show(entry: dlq_pb2.DLQEntry) -> None:
         ("created", when(entry.created_at)),
         ("retries", ", ".join(entry.retry_job_ids)),
     ]
-    for name, value in rows:
-        if value:
-            table.add_row(name, value)
-    out.print(table)
+    out.print(details(rows))
 
 
 @app.command("list")

@@ -12,7 +12,9 @@ from rich.text import Text
 from cordum.sdk import AsyncClient
 from cordum.sdk.cli._common import (
     Failure,
+    details,
     err,
+    labels_text,
     out,
     parse_json_arg,
     parse_labels,
@@ -150,9 +152,6 @@ def get(
         if as_json:
             print_json(proto_dict(job))
             return
-        table = Table(show_header=False, box=None)
-        table.add_column(style="bold")
-        table.add_column(overflow="fold")
         rows: list[tuple[str, str | Text]] = [
             ("id", job.id),
             ("state", _state(job.state)),
@@ -166,12 +165,9 @@ def get(
             ("safety", job.safety.reason or job.safety.rule_id),
             ("pending", job.pending_reason),
             ("error", " ".join(filter(None, (job.error_code, job.error_message)))),
-            ("labels", ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items()))),
+            ("labels", labels_text(job.labels)),
         ]
-        for name, value in rows:
-            if value:
-                table.add_row(name, value)
-        out.print(table)
+        out.print(details(rows))
 
     run(ctx, command)
 

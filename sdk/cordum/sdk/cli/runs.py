@@ -20,9 +20,11 @@ from cordum.sdk.cli._common import (
     JSON,
     Failure,
     clock,
+    details,
     duration,
     err,
     json_object_arg,
+    labels_text,
     out,
     parse_labels,
     print_json,
@@ -341,24 +343,18 @@ def get(ctx: typer.Context, run_id: str = RUN_ID, as_json: bool = JSON) -> None:
         if as_json:
             print_json(proto_dict(found))
             return
-        about = Table(show_header=False, box=None)
-        about.add_column(style="bold")
-        about.add_column(overflow="fold")
-        rows: list[tuple[str, str]] = [
+        rows = [
             ("tenant", found.tenant_id),
             ("triggered by", found.triggered_by),
             ("created", when(found.created_at)),
             ("completed", when(found.completed_at)),
             ("rerun of", f"{found.rerun_of} {found.rerun_step}".strip()),
             ("idempotency key", found.idempotency_key),
-            ("labels", ", ".join(f"{k}={v}" for k, v in sorted(found.labels.items()))),
+            ("labels", labels_text(found.labels)),
         ]
-        for name, value in rows:
-            if value:
-                about.add_row(name, value)
         definition = await _definition(client, found.workflow_id)
         out.print(steps_view(found, definition))
-        out.print(about)
+        out.print(details(rows))
 
     run(ctx, command)
 

@@ -12,6 +12,7 @@ from cordum.sdk import AsyncClient
 from cordum.sdk.cli._common import (
     JSON,
     Failure,
+    details,
     error_line,
     out,
     print_json,
@@ -131,10 +132,7 @@ def get(
         if as_json:
             print_json(proto_dict(wf))
             return
-        about = Table(show_header=False, box=None)
-        about.add_column(style="bold")
-        about.add_column(overflow="fold")
-        for name, value in (
+        rows = [
             ("id", wf.id),
             ("name", wf.name),
             ("description", wf.description),
@@ -142,10 +140,8 @@ def get(
             ("revision", str(wf.revision)),
             ("timeout", f"{wf.timeout_sec}s" if wf.timeout_sec else ""),
             ("updated", when(wf.updated_at)),
-        ):
-            if value:
-                about.add_row(name, value)
-        out.print(about)
+        ]
+        out.print(details(rows))
         steps = Table("step", "type", "topic", "depends on", "details")
         for sid in sorted(wf.steps):
             step = wf.steps[sid]

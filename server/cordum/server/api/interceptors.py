@@ -62,11 +62,17 @@ def _wrap_stream(
     return wrapper
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once, not on every call: the inner handler is one object
+    per method (the servicer's, wrapped once by the inner interceptors), so a call costs a
+    dict lookup here, not a new closure and handler."""
+
     def __init__(self) -> None:
-        # The inner handler is one object per method (the servicer's, wrapped once by the
-        # inner interceptors): wrap it once, not on every call.
+        # Per method: the inner handler and our wrapper of it.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -76,11 +82,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        cached = self._wrapped.get(handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, _wrap(handler))
-            self._wrapped[handler_call_details.method] = cached
+            cached = self._wrapped[method] = (handler, self.wrap(method, handler))
         return cached[1]
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return _wrap(handler)
 
 
 def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 import grpc
 from prometheus_client import Counter
 
+from cordum.server.api.interceptors import WrappingInterceptor
 from cordum.server.metrics import Metrics
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(WrappingInterceptor):
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self._metrics = metrics
-        # Per method: the inner handler and our wrapper of it. The inner handler is one object
-        # per method (the inner interceptors wrap once), so a call costs a dict lookup here,
-        # not a new closure and handler.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler.unary_unary:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self._timed(method, handler))
-            self._wrapped[method] = cached
-        return cached[1]
-
-    def _timed(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
+        if not behavior:
+            return handler
         metrics = self._metrics
         # Label children resolved once per method (and status code), not per call.
         latency = metrics.rpc_latency.labels(method)

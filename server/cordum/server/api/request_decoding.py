@@ -20,6 +20,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from cordum.server.api.interceptors import WrappingInterceptor
 from cordum.server.errors import CordumError, invalid_field
 
 logger = logging.getLogger(__name__)
@@ -196,26 +197,11 @@ def _streaming(
     return wrapper
 
 
-class RequestDecodeInterceptor(grpc.aio.ServerInterceptor):
+class RequestDecodeInterceptor(WrappingInterceptor):
     """Innermost: the CordumError it raises becomes a status in ErrorInterceptor."""
 
-    def __init__(self) -> None:
-        # The servicer's handler is one object per method: wrap it once, not per call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, _wrap(handler))
-            self._wrapped[handler_call_details.method] = cached
-        return cached[1]
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return _wrap(handler)
 
 
 def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -8,40 +8,28 @@ metadata, when sent, makes the span a child of the caller's span.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from cordum.server.api.interceptors import WrappingInterceptor
 from cordum.server.tracing import Tracing
 
 # Infrastructure calls, polled often and of no interest in a trace.
 _SKIPPED = ("/grpc.health.", "/grpc.reflection.")
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(WrappingInterceptor):
     def __init__(self, tracing: Tracing) -> None:
+        super().__init__()
         self._tracing = tracing
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not handler.unary_unary or method.startswith(_SKIPPED):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behavior = handler.unary_unary
+        if not behavior or method.startswith(_SKIPPED):
             return handler
         tracing = self._tracing
-        behavior = handler.unary_unary
         name = method.removeprefix("/")
         service, _, rpc = name.rpartition("/")
-        metadata = {
-            key: value
-            for key, value in handler_call_details.invocation_metadata or ()
-            if key in ("traceparent", "tracestate") and isinstance(value, str)
-        }
-        parent = tracing.extract(metadata)
         attributes: dict[str, str | int] = {
             "rpc.system": "grpc",
             "rpc.service": service,
@@ -49,6 +37,12 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         }
 
         async def traced(request: object, context: grpc.aio.ServicerContext) -> object:
+            metadata = {
+                key: value
+                for key, value in context.invocation_metadata() or ()
+                if key in ("traceparent", "tracestate") and isinstance(value, str)
+            }
+            parent = tracing.extract(metadata)
             with tracing.span(name, parent, kind=SpanKind.SERVER, attributes=attributes) as span:
                 code = grpc.StatusCode.OK
                 try:

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from cordum.agent.v1 import safety_pb2
 from cordum.server.errors import CordumError, FieldViolation, unavailable
 from cordum.server.safety.evaluate import Evaluation, evaluate
 from cordum.server.safety.model import PolicySet, build_policy_set
+from cordum.server.ttl_cache import TtlCache
 from cordum.v1 import error_reason_pb2
 
 logger = logging.getLogger(__name__)
@@ -41,46 +42,6 @@ ExtraSources = Callable[[], Awaitable[list[tuple[str, str]]]]
 CheckHook = Callable[[safety_pb2.PolicyCheckRequest, safety_pb2.PolicyCheckResponse], None]
 DEFAULT_POLICY_PATH = "config/safety.yaml"
 _FileSignature = tuple[int, int, int]
-
-
-class DecisionCache:
-    """A TTL + LRU map from cache key to a response (stored without `approval_ref`)."""
-
-    def __init__(self, ttl_s: float, max_entries: int, clock: Callable[[], float]) -> None:
-        self._ttl_s = ttl_s
-        self._max = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, safety_pb2.PolicyCheckResponse]] = (
-            OrderedDict()
-        )
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> safety_pb2.PolicyCheckResponse | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        expires, response = entry
-        if self._clock() >= expires:
-            del self._entries[key]
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return response
-
-    def put(self, key: str, response: safety_pb2.PolicyCheckResponse) -> None:
-        self._entries[key] = (self._clock() + self._ttl_s, response)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 def cache_key(
@@ -128,7 +89,10 @@ class SafetyKernel:
         self.on_check = on_check
         # Told every check's DecisionType (the decision metrics); must not do I/O.
         self.on_decision = on_decision
-        self._cache = DecisionCache(cache_ttl_s, cache_size, clock) if cache_ttl_s > 0 else None
+        # Responses are stored without `approval_ref` (a hit gets the current job's).
+        self._cache: TtlCache[str, safety_pb2.PolicyCheckResponse] | None = (
+            TtlCache(cache_ttl_s, cache_size, clock) if cache_ttl_s > 0 else None
+        )
         self._watch_interval_s = watch_interval_s
         self._full_check_every = max(1, full_check_every)
         self._history: deque[str] = deque(maxlen=history_size)
@@ -154,7 +118,7 @@ class SafetyKernel:
         return self._policy_set.snapshot if self._policy_set is not None else ""
 
     @property
-    def cache(self) -> DecisionCache | None:
+    def cache(self) -> TtlCache[str, safety_pb2.PolicyCheckResponse] | None:
         return self._cache
 
     def snapshots(self) -> list[str]:

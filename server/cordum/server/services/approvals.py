@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import grpc
 
-from cordum.agent.v1 import job_pb2 as agent
 from cordum.agent.v1 import safety_pb2
-from cordum.sdk import cap
 from cordum.server.errors import CordumError, failed_precondition
 from cordum.server.safety.client import KernelUnavailable, SafetyClient
 from cordum.server.services.caller import Caller
 from cordum.server.services.jobs import JobService, now_ms, page_size
-from cordum.server.services.scheduler import job_hash, policy_request
+from cordum.server.services.scheduler import dlq_notice, job_hash, policy_request
 from cordum.server.stores.jobs import JobPage, JobRecord, ms_timestamp
 from cordum.v1 import error_reason_pb2, job_pb2
 
@@ -137,19 +135,9 @@ class ApprovalService:
                 R.ERROR_REASON_JOB_NOT_AWAITING_APPROVAL,
                 f"job {job_id} is {outcome.previous}, not awaiting approval",
             )
-        result = agent.JobResult(
-            job_id=job_id,
-            status=agent.JOB_STATUS_DENIED,
-            error_code="approval_rejected",
-            error_message=why,
-            # CAP admits a JobResult only when worker_id is the sender's id.
-            worker_id=self.jobs.sender_id,
-        )
-        packet = cap.envelope(sender_id=self.jobs.sender_id, trace_id=job_id, job_result=result)
+        packet, msg_id = dlq_notice(self.jobs.sender_id, job_id, "DENIED", "approval_rejected", why)
         await self.jobs.durable.publish(
-            self.jobs.subjects.dlq,
-            self.jobs.trust.encode(packet),
-            msg_id=f"{job_id}:dlq:DENIED:approval_rejected",
+            self.jobs.subjects.dlq, self.jobs.trust.encode(packet), msg_id=msg_id
         )
         await self.jobs.events.publish(job_id, "DENIED", why)
         return await self.jobs.get(job_id, caller)

@@ -33,6 +33,12 @@ import grpc
 
 from cordum.server.errors import CordumError, Violations, invalid_field, not_found
 from cordum.server.services.caller import Caller
+from cordum.server.services.job_validation import (
+    LABEL_KEY_RE,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    TENANT_RE,
+)
 from cordum.server.stores.artifacts import (
     ArtifactBackend,
     ArtifactMeta,
@@ -46,10 +52,6 @@ logger = logging.getLogger(__name__)
 R = error_reason_pb2
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,100}$")
-TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
-MAX_LABELS = 50
-MAX_LABEL_VALUE = 1000
 MAX_CONTENT_TYPE = 200
 DEFAULT_CHUNK = 256 * 1024
 MAX_CHUNK = 2 * 1024 * 1024

@@ -47,7 +47,6 @@ import hashlib
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,6 +62,7 @@ from cordum.server.jsonvalue import canonical_json, content_hash, finite, normal
 from cordum.server.safety.loader import load_yaml, yaml_error_text
 from cordum.server.services.caller import Caller
 from cordum.server.stores.config import ConfigStore, StoredConfig
+from cordum.server.ttl_cache import TtlCache
 from cordum.v1 import error_reason_pb2
 
 logger = logging.getLogger(__name__)
@@ -188,32 +188,6 @@ def _validated(problems: Violations, name: str, load: Callable[[], object]) -> N
             problems.add(name if v.field.endswith(name) else f"{name}.{v.field}", v.description)
 
 
-class _EffectiveCache:
-    """A small TTL + LRU map: the scheduler asks for the same few scopes over and over."""
-
-    def __init__(self, ttl_s: float, size: int, clock: Callable[[], float]) -> None:
-        self._ttl_s, self._size, self._clock = ttl_s, size, clock
-        self._entries: OrderedDict[tuple[str, ...], tuple[float, Effective]] = OrderedDict()
-
-    def get(self, key: tuple[str, ...]) -> Effective | None:
-        hit = self._entries.get(key)
-        if hit is None or hit[0] <= self._clock():
-            return None
-        self._entries.move_to_end(key)
-        return hit[1]
-
-    def put(self, key: tuple[str, ...], value: Effective) -> None:
-        if self._ttl_s <= 0:
-            return
-        self._entries[key] = (self._clock() + self._ttl_s, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
 def _permission_denied(message: str) -> CordumError:
     return CordumError(
         grpc.StatusCode.PERMISSION_DENIED, error_reason_pb2.ERROR_REASON_PERMISSION_DENIED, message
@@ -235,7 +209,8 @@ class ConfigService:
         at most this long."""
         self._store = store
         self._config_dir = config_dir
-        self._cache = _EffectiveCache(cache_ttl_s, cache_size, clock)
+        # The scheduler asks for the same few scopes over and over.
+        self._cache: TtlCache[tuple[str, ...], Effective] = TtlCache(cache_ttl_s, cache_size, clock)
 
     # -- defaults ------------------------------------------------------------------------
 

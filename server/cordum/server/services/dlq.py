@@ -27,16 +27,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import uuid
 
 import grpc
 
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
-from cordum.server.errors import CordumError, Violations, invalid_field, not_found
+from cordum.server.errors import CordumError, Violations, not_found
 from cordum.server.services.caller import Caller
-from cordum.server.services.job_validation import BuiltJob
+from cordum.server.services.job_validation import BuiltJob, check_id
 from cordum.server.services.jobs import RUNTIME_FIELDS, JobService, Submitted, now_ms
 from cordum.server.stores.dlq import DLQPage, DLQRecord, DLQStore
 from cordum.server.stores.jobs import NewJob, ms_timestamp
@@ -44,7 +43,6 @@ from cordum.v1 import error_reason_pb2, job_pb2
 
 R = error_reason_pb2
 
-ID_RE = re.compile(r"^[A-Za-z0-9._:@\[\]-]{1,200}$")
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 RETRY_LABEL = "retry_of"
@@ -55,12 +53,7 @@ def _missing(job_id: str) -> CordumError:
 
 
 def _check_id(job_id: str) -> str:
-    job_id = job_id.strip()
-    if not job_id:
-        raise invalid_field("job_id", "required")
-    if not ID_RE.match(job_id):
-        raise invalid_field("job_id", "1-200 characters from [A-Za-z0-9._:@[]-]")
-    return job_id
+    return check_id(job_id.strip(), "job_id")
 
 
 def retry_id(job_id: str, n: int) -> str:

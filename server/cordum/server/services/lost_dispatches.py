@@ -100,6 +100,17 @@ async def requeue(
     return outcome.ok
 
 
+def stored_result(job_id: str, worker_id: str) -> agent.JobResult:
+    """The result of a job whose worker wrote `res:<id>` but whose result message is late
+    or lost: applied like the message would have been."""
+    return agent.JobResult(
+        job_id=job_id,
+        status=agent.JOB_STATUS_SUCCEEDED,
+        result_ptr=cap.redis_pointer(cap.result_key(job_id)),
+        worker_id=worker_id,
+    )
+
+
 def _int(value: bytes | None) -> int:
     return int(value) if value else 0
 
@@ -253,14 +264,7 @@ class LostDispatches:
             if state != b"DISPATCHED" or _int(dispatched) != d.dispatched_ms:
                 continue  # its result came, or it moved on
             if stored:
-                results.append(
-                    agent.JobResult(
-                        job_id=d.job_id,
-                        status=agent.JOB_STATUS_SUCCEEDED,
-                        result_ptr=cap.redis_pointer(cap.result_key(d.job_id)),
-                        worker_id=d.worker_id,
-                    )
-                )
+                results.append(stored_result(d.job_id, d.worker_id))
                 continue
             times = _int(lost)
             if times >= self.max_requeues:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +36,12 @@ from redis.asyncio import Redis
 from cordum.server.errors import CordumError, Violations, not_found
 from cordum.server.services.artifacts import ArtifactService
 from cordum.server.services.caller import Caller
+from cordum.server.services.job_validation import ID_RE
 from cordum.server.stores.jobs import JobRecord, JobStore, record_from_hash
 from cordum.v1 import error_reason_pb2
 
 R = error_reason_pb2
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:@\[\]-]{1,200}$")
 MAX_KEY = 1024
 MAX_ITEMS = 1000
 MAX_CANDIDATES = 16
@@ -98,7 +97,7 @@ def owner_candidates(key: str) -> list[str]:
         parts = base.split(":")
         for i in range(len(parts), 0, -1):
             candidate = ":".join(parts[:i])
-            if JOB_ID_RE.match(candidate) and candidate not in out:
+            if ID_RE.match(candidate) and candidate not in out:
                 out.append(candidate)
     return out[:MAX_CANDIDATES]
 
@@ -155,7 +154,7 @@ class MemoryService:
             return await self._read_artifact(out, field, caller)
         if kind in ("context", "result"):
             job_id = key[4:]
-            if not JOB_ID_RE.match(job_id):
+            if not ID_RE.match(job_id):
                 problems = Violations()
                 problems.add(field, "not a job id after the prefix")
                 problems.raise_if_any()

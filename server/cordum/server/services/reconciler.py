@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 
 from cordum.agent.v1 import job_pb2 as agent
 from cordum.sdk import cap
-from cordum.server.services.lost_dispatches import LOST_FIELD, Dispatch, requeue
+from cordum.server.services.lost_dispatches import (
+    LOST_FIELD,
+    Dispatch,
+    requeue,
+    stored_result,
+)
 from cordum.server.services.scheduler import Scheduler, now_ms, stop_task
 from cordum.server.stores.jobs import ACTIVE, STATES, JobRecord
 
@@ -179,7 +184,7 @@ class Reconciler:
             records = [r for r in await self.store.get_many(ids) if r is not None]
             pipe = self.store.redis.pipeline(transaction=False)
             for record in records:
-                pipe.exists(f"res:{record.job.id}")
+                pipe.exists(cap.result_key(record.job.id))
                 dispatcher = record.fields.get("dispatcher", b"").decode()
                 pipe.exists(sched.lease_key(dispatcher) if dispatcher else "")
             flags = await pipe.execute()
@@ -189,14 +194,7 @@ class Reconciler:
                 if record.state != state:
                     continue
                 if has_result:
-                    recovered.append(
-                        agent.JobResult(
-                            job_id=record.job.id,
-                            status=agent.JOB_STATUS_SUCCEEDED,
-                            result_ptr=cap.redis_pointer(cap.result_key(record.job.id)),
-                            worker_id=record.job.worker_id,
-                        )
-                    )
+                    recovered.append(stored_result(record.job.id, record.job.worker_id))
                 elif record.fields.get("dispatcher") and not dispatcher_alive:
                     await self._requeue(
                         record,

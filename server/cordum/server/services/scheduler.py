@@ -110,6 +110,23 @@ def job_hash(request: job_pb2.JobRequest) -> str:
 EFFECTIVE_CONFIG_ENV = "CORDUM_EFFECTIVE_CONFIG"
 
 
+def dlq_notice(
+    sender_id: str, job_id: str, state: str, code: str, reason: str
+) -> tuple[buspacket_pb2.BusPacket, str]:
+    """The DLQ notice of a job that ended in `state` (its entry is already in Redis, written
+    by the transition), and its message id (JetStream stores one per job, state and code).
+    CAP admits a JobResult only when its worker_id is the sender's id."""
+    result = job_pb2.JobResult(
+        job_id=job_id,
+        status=job_pb2.JobStatus.Value(f"JOB_STATUS_{state}"),
+        error_code=code,
+        error_message=reason,
+        worker_id=sender_id,
+    )
+    packet = cap.envelope(sender_id=sender_id, trace_id=job_id, job_result=result)
+    return packet, f"{job_id}:dlq:{state}:{code}"
+
+
 def request_tenant(request: job_pb2.JobRequest) -> str:
     return request.tenant_id or request.meta.tenant_id or request.env.get("tenant_id", "")
 
@@ -616,12 +633,7 @@ class Scheduler:
         elif kind == "throttled":
             await self.events.publish(request.job_id, "PENDING", outcome.detail)
             return
-        state = {
-            "approval": "APPROVAL_REQUIRED",
-            "denied": "DENIED",
-            "failed": "FAILED",
-            "dispatched": "DISPATCHED",
-        }[kind]
+        state = _ADMITTED_STATES[kind]
         self.metrics.jobs_transitions.labels(state, request.topic).inc()
         if kind == "dispatched":
             return
@@ -698,11 +710,11 @@ class Scheduler:
             job_request=request,
         )
         # The worker continues the trace from the headers; the CAP bytes are the same.
+        attributes: dict[str, str | int] | None = None
+        if self.tracing.enabled:  # not built per job when tracing is off
+            attributes = {**_span_attributes(p), "messaging.destination.name": placement.subject}
         with self.tracing.span(
-            "cordum.job.dispatch",
-            p.trace_ctx,
-            kind=SpanKind.PRODUCER,
-            attributes={**_span_attributes(p), "messaging.destination.name": placement.subject},
+            "cordum.job.dispatch", p.trace_ctx, kind=SpanKind.PRODUCER, attributes=attributes
         ):
             # Captured, not acked, in JetStream mode: CAP workers read it with core
             # subscriptions, so only the reconciler can re-send a dispatch nobody took.
@@ -722,19 +734,9 @@ class Scheduler:
         )
 
     async def publish_dlq(self, job_id: str, state: str, code: str, reason: str) -> None:
-        """Tell DLQ listeners (the entry itself is already in Redis, written by the
-        transition). CAP admits a JobResult only when its worker_id is the sender's id."""
-        result = job_pb2.JobResult(
-            job_id=job_id,
-            status=job_pb2.JobStatus.Value(f"JOB_STATUS_{state}"),
-            error_code=code,
-            error_message=reason,
-            worker_id=self.config.sender_id,
-        )
-        packet = cap.envelope(sender_id=self.config.sender_id, trace_id=job_id, job_result=result)
-        await self.durable.publish(
-            self.subjects.dlq, self.trust.encode(packet), msg_id=f"{job_id}:dlq:{state}:{code}"
-        )
+        """Tell DLQ listeners (the entry itself is already in Redis)."""
+        packet, msg_id = dlq_notice(self.config.sender_id, job_id, state, code, reason)
+        await self.durable.publish(self.subjects.dlq, self.trust.encode(packet), msg_id=msg_id)
 
     # -- results ----------------------------------------------------------------------
 
@@ -869,6 +871,15 @@ class Scheduler:
         for record in await self.store.get_many(ids):
             if record is not None and record.state == "PENDING":
                 self.readmit(record.request, record.job.trace_id)
+
+
+# The state an admission outcome (job_admit.lua) leaves a job in.
+_ADMITTED_STATES = {
+    "approval": "APPROVAL_REQUIRED",
+    "denied": "DENIED",
+    "failed": "FAILED",
+    "dispatched": "DISPATCHED",
+}
 
 
 def _span_attributes(p: _Pending) -> dict[str, str | int]:

@@ -26,8 +26,6 @@ without bound. `ctx:<id>` / `res:<id>` are CAP's keys and carry no prefix.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,8 +38,8 @@ from redis.exceptions import BusyLoadingError, ResponseError
 
 from cordum.agent.v1 import job_pb2 as agent_job_pb2
 from cordum.sdk._fastredis import FastRedis, ReplyError
-from cordum.server.errors import invalid_field
 from cordum.server.stores import scripts
+from cordum.server.stores.page_tokens import decode_token, encode_token
 from cordum.v1 import job_pb2
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT", "DENIED"})
@@ -541,7 +539,7 @@ class JobStore:
         pages is neither skipped nor repeated); ties ordered by id, descending. The
         `updated_*` bounds filter on the last change."""
         query = f"{tenant}|{state}|{topic}|{trace_id}|{updated_after_ms}|{updated_before_ms}"
-        cursor = _decode_token(page_token, query)
+        cursor = decode_token(page_token, query)
         if trace_id:
             return await self._list_trace(tenant, trace_id, state, topic, page_size, cursor, query)
         key = f"{self.prefix}jobs:t:{tenant}" + (f":s:{state}" if state else "")
@@ -589,7 +587,7 @@ class JobStore:
         next_token = ""
         if len(found) == page_size:
             last = found[-1].job.id
-            next_token = _encode_token((scores[last], last), query)
+            next_token = encode_token((scores[last], last), query)
         return JobPage(found, next_token)
 
     async def _list_trace(
@@ -617,7 +615,7 @@ class JobStore:
         if cursor is not None:
             rows = [row for row in rows if (row[0], row[1]) < cursor]
         page = rows[:page_size]
-        token = _encode_token(page[-1][:2], query) if len(rows) > page_size else ""
+        token = encode_token(page[-1][:2], query) if len(rows) > page_size else ""
         return JobPage([row[2] for row in page], token)
 
 
@@ -645,26 +643,3 @@ def _complete_outcome(reply: Sequence[Any]) -> CompleteOutcome:
     if kind == "done":
         return CompleteOutcome(kind, _s(reply[1]), topic=_s(reply[2]))
     return CompleteOutcome(kind, _s(reply[1]) if len(reply) > 1 else "")
-
-
-def _query_hash(query: str) -> str:
-    return hashlib.sha256(query.encode()).hexdigest()[:12]
-
-
-def _encode_token(position: tuple[float, str], query: str) -> str:
-    raw = json.dumps({"s": position[0], "m": position[1], "q": _query_hash(query)})
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def _decode_token(token: str, query: str) -> tuple[float, str] | None:
-    if not token:
-        return None
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token.encode()))
-        position = (float(raw["s"]), str(raw["m"]))
-        same_query = raw["q"] == _query_hash(query)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise invalid_field("page_token", "malformed page token") from exc
-    if not same_query:
-        raise invalid_field("page_token", "the token belongs to a different query")
-    return position

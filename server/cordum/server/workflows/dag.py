@@ -60,6 +60,8 @@ from google.protobuf import json_format, struct_pb2
 
 from cordum.agent.v1 import alert_pb2
 from cordum.server.errors import FieldViolation
+from cordum.server.jsonvalue import from_struct as struct_dict
+from cordum.server.jsonvalue import from_value, to_value
 from cordum.server.workflows.definition import (
     CompiledStep,
     CompiledWorkflow,
@@ -69,7 +71,6 @@ from cordum.server.workflows.expressions import (
     JSON,
     ExpressionError,
     Scope,
-    normalize,
 )
 from cordum.v1 import run_pb2
 
@@ -148,24 +149,10 @@ def run_status_short(status: int) -> str:
     return R.RunStatus.Name(status).removeprefix("RUN_STATUS_")  # type: ignore[arg-type]
 
 
-def to_value(value: JSON) -> struct_pb2.Value:
-    out = struct_pb2.Value()
-    json_format.ParseDict(value, out)
-    return out
-
-
-def from_value(value: struct_pb2.Value) -> JSON:
-    return normalize(json_format.MessageToDict(value))
-
-
 def to_struct(value: Mapping[str, JSON]) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     json_format.ParseDict(dict(value), out)
     return out
-
-
-def struct_dict(value: struct_pb2.Struct) -> dict[str, JSON]:
-    return normalize(json_format.MessageToDict(value))  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -37,12 +37,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from google.protobuf import json_format, struct_pb2
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from redis.asyncio import Redis
 
 from cordum.server.errors import FieldViolation
+from cordum.server.jsonvalue import from_struct
 from cordum.server.services.job_validation import (
     LABEL_KEY_RE,
     MAX_LABELS,
@@ -57,7 +57,6 @@ from cordum.server.workflows.expressions import (
     Template,
     compile_expression,
     compile_template,
-    normalize,
 )
 from cordum.v1 import workflow_pb2
 
@@ -246,10 +245,6 @@ def definition_key(wf: workflow_pb2.Workflow) -> str:
     return f"{wf.id}@{wf.revision}#{digest}"
 
 
-def struct_json(message: struct_pb2.Struct) -> dict[str, Any]:
-    return normalize(json_format.MessageToDict(message))  # type: ignore[no-any-return]
-
-
 def step_kind(step_type: str) -> str:
     t = step_type.strip().lower()
     if t in ("", *JOB_TYPES):
@@ -284,7 +279,7 @@ def compile_workflow(wf: workflow_pb2.Workflow) -> tuple[CompiledWorkflow, list[
         v.add("timeout_sec", f"must be between 0 and {MAX_TIMEOUT_S}")
     input_schema = None
     if wf.HasField("input_schema"):
-        input_schema = struct_json(wf.input_schema)
+        input_schema = from_struct(wf.input_schema)
         problem = schema_problem(input_schema)
         if problem:
             v.add("input_schema", problem)
@@ -442,7 +437,7 @@ def _compile_step(sid: str, step: workflow_pb2.Step, where: str, v: _Checker) ->
         refuse("max_parallel", "only meaningful with for_each")
     if step.HasField("input"):
         allowed = base_vars | (ITEM_VARIABLES if step.for_each else frozenset())
-        template, problems = compile_template(struct_json(step.input), allowed)
+        template, problems = compile_template(from_struct(step.input), allowed)
         for path, why in problems:
             v.add(f"{where}.input.{path}" if path else f"{where}.input", why)
         cs.input = template
@@ -472,7 +467,7 @@ def _compile_step(sid: str, step: workflow_pb2.Step, where: str, v: _Checker) ->
 
     for name in ("input_schema", "output_schema"):
         if step.HasField(name):
-            schema = struct_json(getattr(step, name))
+            schema = from_struct(getattr(step, name))
             problem = schema_problem(schema)
             if problem:
                 refuse(name, problem)

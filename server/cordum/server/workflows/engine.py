@@ -44,12 +44,12 @@ from cordum.server.bus import Subjects
 from cordum.server.bus_trust import BusTrust
 from cordum.server.inbound import Inbound
 from cordum.server.jetstream import DurablePublisher
+from cordum.server.jsonvalue import normalize
 from cordum.server.services.job_events import WORKFLOW_KIND, job_event
 from cordum.server.stores.jobs import ACTIVE, TERMINAL, JobStore, record_from_hash, state_name
 from cordum.server.workflows import dag
 from cordum.server.workflows.dag import JobOutcome, Plan
 from cordum.server.workflows.definition import CompiledWorkflow, SchemaLookup, compile_workflow
-from cordum.server.workflows.expressions import normalize
 from cordum.server.workflows.stepjobs import build_step_job
 from cordum.server.workflows.store import StoredRun, WorkflowStore, stored_from_reply
 from cordum.server.workflows.subworkflows import ChildRuns, child_outcome, running_children

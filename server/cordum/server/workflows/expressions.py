@@ -33,7 +33,7 @@ from typing import Any
 
 import cel
 
-JSON = Any
+from cordum.server.jsonvalue import JSON, normalize
 
 VARIABLES: Mapping[str, str] = {
     "input": "the run input",
@@ -45,7 +45,6 @@ VARIABLES: Mapping[str, str] = {
 BASE_VARIABLES = frozenset({"input", "steps", "ctx"})
 ITEM_VARIABLES = frozenset({"item", "index"})
 MAX_EXPRESSION = 4096
-_MAX_EXACT = 2**53
 
 # Names bound by comprehension macros are not free variables (`.exists(x, ...)`).
 _BINDER = re.compile(
@@ -60,19 +59,6 @@ _STEP_ANY = re.compile(r"(?<![\w.])steps(?!\w)")
 
 class ExpressionError(Exception):
     """Evaluation failed (missing key, type mismatch, a result that is not JSON)."""
-
-
-def normalize(value: JSON) -> JSON:
-    """Whole floats become ints, recursively (JSON numbers arrive as doubles)."""
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) <= _MAX_EXACT:
-            return int(value)
-        return value
-    if isinstance(value, dict):
-        return {k: normalize(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [normalize(v) for v in value]
-    return value
 
 
 def to_json(value: Any) -> JSON:

@@ -33,6 +33,7 @@ from cordum.server.services.job_validation import (
     check_id,
     check_tenant_filter,
 )
+from cordum.server.stores.jobs import ms_timestamp
 from cordum.server.workflows import dag
 from cordum.server.workflows.definition import (
     STEP_ID_RE,
@@ -50,7 +51,6 @@ from cordum.server.workflows.store import (
     TERMINAL_RUN,
     StoredRun,
     WorkflowStore,
-    ms_timestamp,
     request_hash,
 )
 from cordum.server.workflows.subworkflows import reference_problems

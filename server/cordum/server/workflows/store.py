@@ -25,18 +25,16 @@ Listing indexes are trimmed by the reconciler to the run TTL, so nothing grows u
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from cordum.server.errors import invalid_field
+from cordum.server.stores.page_tokens import decode_token, encode_token
 from cordum.server.workflows.definition import definition_key
 from cordum.v1 import run_pb2, workflow_pb2
 
@@ -64,12 +62,6 @@ def _s(value: bytes | str | None) -> str:
 
 def status_name(status: int) -> str:
     return run_pb2.RunStatus.Name(status)  # type: ignore[arg-type]
-
-
-def ms_timestamp(ms: int) -> Timestamp:
-    ts = Timestamp()
-    ts.FromMilliseconds(ms)
-    return ts
 
 
 @dataclass(frozen=True)
@@ -334,7 +326,7 @@ class WorkflowStore:
     ) -> Page:
         """Ids newest-updated first; ties by id descending, so pages never skip or repeat
         (upstream's second-resolution cursors skipped runs sharing a timestamp)."""
-        cursor = _decode_token(page_token, query)
+        cursor = decode_token(page_token, query)
         high: float | str = before_ms if before_ms else "+inf"
         if cursor is not None:
             high = cursor[0] if high == "+inf" else min(float(high), cursor[0])
@@ -352,7 +344,7 @@ class WorkflowStore:
         page = picked[:page_size]
         token = ""
         if len(picked) > page_size and page:
-            token = _encode_token((page[-1][1], page[-1][0]), query)
+            token = encode_token((page[-1][1], page[-1][0]), query)
         return Page([mid for mid, _ in page], token)
 
 
@@ -370,26 +362,3 @@ def stored_from_reply(raw: Sequence[bytes | None]) -> StoredRun | None:
 def request_hash(value: object) -> str:
     blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def _query_hash(query: str) -> str:
-    return hashlib.sha256(query.encode()).hexdigest()[:12]
-
-
-def _encode_token(position: tuple[float, str], query: str) -> str:
-    raw = json.dumps({"s": position[0], "m": position[1], "q": _query_hash(query)})
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def _decode_token(token: str, query: str) -> tuple[float, str] | None:
-    if not token:
-        return None
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token.encode()))
-        position = (float(raw["s"]), str(raw["m"]))
-        same = raw["q"] == _query_hash(query)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise invalid_field("page_token", "malformed page token") from exc
-    if not same:
-        raise invalid_field("page_token", "the token belongs to a different query")
-    return position

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cordum.server.errors import FieldViolation
+from cordum.server.stores.jobs import ms_timestamp
 from cordum.server.workflows import dag
 from cordum.server.workflows.definition import (
     CompiledWorkflow,
@@ -34,7 +35,7 @@ from cordum.server.workflows.definition import (
     schema_violations,
     step_kind,
 )
-from cordum.server.workflows.store import WorkflowStore, ms_timestamp
+from cordum.server.workflows.store import WorkflowStore
 from cordum.v1 import run_pb2, workflow_pb2
 
 if TYPE_CHECKING:
